@@ -1,0 +1,82 @@
+"""DoRA (Liu et al. 2024, "Weight-Decomposed Low-Rank Adaptation"): W′ = m ⊙ (W + ΔW) / ‖W + ΔW‖.
+
+ΔW is any low-rank update of this package (LoCon or FLoRA). The norm runs per input channel (axis "in", kohya's
+convention and the only one A1111 rebuilds; magnitude (in,), exported as dora_scale (1, in[, 1, 1])) or per output
+channel (axis "out", PEFT/LyCORIS ≥ 3.2; exported as a full "diff" because no UI rebuilds it correctly).
+m starts at ‖W‖, so W′ = W at init. The norm is detached (paper §4.3), so gradients reach m and ΔW only through
+the numerator. Bypass reuses the base op instead of a second weight:
+  axis "out": y = g ⊙ (W x + ΔW x) + b with g = m/‖W+ΔW‖ per output channel (base op run without its bias);
+  axis "in":  y = (W + ΔW)(g ⊙ x) + b with g per input channel (scale the input, then the ordinary LoRA bypass).
+Merge caches ‖W+ΔW‖ so that unmerge inverts exactly that factor: W = W′ · ‖W+ΔW‖/m − ΔW.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as Fn
+from .base import Adapter, AdapterSpec, LowRank, _op, lora_form_tensors
+
+
+class DoRA(Adapter):
+    def __init__(self, base: nn.Module, spec: AdapterSpec, kohya_name: str, lora: LowRank):
+        super().__init__(base, spec, kohya_name, lora)
+        self.axis = spec.dora_axis
+        with torch.no_grad():
+            self.magnitude = nn.Parameter(Fn.channel_norm(base.weight, self.axis).flatten().clone())
+        self.register_buffer("merge_norm", None, persistent=False)
+
+    def _mag(self) -> Tensor:
+        """magnitude shaped to broadcast against the weight: (out, 1, …) or (1, in, …)."""
+        nd = self.base.weight.dim()
+        return self.magnitude.reshape(-1, *[1] * (nd - 1)) if self.axis == "out" else \
+            self.magnitude.reshape(1, -1, *[1] * (nd - 2))
+
+    def original_weight(self) -> Tensor:
+        w = self.base.weight
+        if not self.merged:
+            return w
+        return w * (self.merge_norm / self._mag().detach()) - self.lora.delta().detach()
+
+    def effective_weight(self) -> Tensor:
+        return Fn.dora_weight(self.original_weight(), self.lora.delta(), self._mag(), self.axis)
+
+    def delta_weight(self) -> Tensor:
+        return self.effective_weight() - self.original_weight()
+
+    def _bypass(self, x: Tensor) -> Tensor:
+        w, bias = self.base.weight, self.base.bias
+        with torch.no_grad():
+            norm = Fn.channel_norm(w + self.lora.delta(), self.axis).flatten()
+        g = self.magnitude / norm
+        if self.info.is_conv:
+            g = g[:, None, None]
+        if self.axis == "in":
+            x = x * g
+            return self.lora.path(self.base, x, self.base(x))
+        z = self.lora.path(self.base, x, _op(self.base, x, w, None))
+        if bias is None:
+            return z * g
+        return torch.addcmul(bias[:, None, None] if self.info.is_conv else bias, z, g)
+
+    def _merged_weight(self) -> Tensor:
+        w = self.base.weight
+        merged = w + self.lora.delta().to(w.dtype)
+        self.merge_norm = Fn.channel_norm(merged, self.axis)
+        return merged * (self._mag() / self.merge_norm)
+
+    def _unmerged_weight(self) -> Tensor:
+        w = self.base.weight * (self.merge_norm / self._mag()) - self.lora.delta().to(self.base.weight.dtype)
+        self.merge_norm = None
+        return w
+
+    @torch.no_grad()
+    def kohya_tensors(self) -> dict[str, Tensor]:
+        """axis "in": low-rank tensors + dora_scale (1, in[, 1, 1]) for A1111's rebuild
+        W′ = dora_scale · (W+ΔW)/‖W+ΔW‖_in. axis "out": {"diff": W′ − W} (LyCORIS full-diff key; see LOADER-FACTS:
+        A1111 and ComfyUI mis-rebuild every output-axis dora_scale)."""
+        if self.axis == "out":
+            return {"diff": self.delta_weight().detach().contiguous()}
+        out = lora_form_tensors(self.lora, self.info)
+        out["dora_scale"] = self._mag().detach().clone()
+        return out

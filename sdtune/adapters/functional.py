@@ -1,0 +1,113 @@
+"""Pure tensor math of every sdtune adapter: tensors in, tensors out, no module state.
+
+Notation (DESIGN.md): a Linear weight is W ∈ R^{out×in}; a Conv2d weight is W ∈ R^{out×in×kh×kw}. "Matricised"
+means reshaped to out × (in·kh·kw). Every ΔW returned here has the base weight's shape, so that
+``F.linear(x, W + ΔW)`` / ``F.conv2d(x, W + ΔW, …)`` is the adapted layer. The modules in this package call these
+functions and never re-derive the maths themselves.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def lora_delta(up: Tensor, down: Tensor, scale: float, mid: Tensor | None = None) -> Tensor:
+    """LoRA / LoCon / Tucker-LoCon update (LoRA paper eq. 3; LyCORIS's Tucker form).
+
+    Plain:  ΔW = scale · up @ down.flatten(1), reshaped to ``(out, *down.shape[1:])``
+        up (out, r); down (r, in) for Linear or (r, in, kh, kw) for Conv2d (the base kernel on the down side).
+    Tucker: ΔW[o, i, h, w] = scale · Σ_{a,b} up[o, a] · mid[a, b, h, w] · down[b, i]
+        up (out, r1); mid (r1, r2, kh, kw); down (r2, in)  ->  ΔW (out, in, kh, kw).
+    """
+    if mid is None:
+        return (scale * (up @ down.flatten(1))).reshape(up.shape[0], *down.shape[1:])
+    return scale * torch.einsum("oa,abhw,bi->oihw", up, mid, down.flatten(1))
+
+
+def tucker_product(core: Tensor, factors: list[Tensor | None]) -> Tensor:
+    """n-mode product G ×₁ A⁽¹⁾ ×₂ A⁽²⁾ … ×_N A⁽ᴺ⁾ (Kolda & Bader 2009, eq. 4.1) as one einsum.
+
+    core (r₁, …, r_N); factors[n] (I_n, r_n), or None to leave mode n as it is  ->  (I₁, …, I_N). N ≤ 13.
+    """
+    if len(factors) != core.dim():
+        raise ValueError(f"tucker_product: core has {core.dim()} modes but {len(factors)} factors were given")
+    ranks = "abcdefghijklm"[: core.dim()]
+    dims = "nopqrstuvwxyz"[: core.dim()]
+    used = [(d + r, f) for d, r, f in zip(dims, ranks, factors) if f is not None]
+    out = "".join(d if f is not None else r for d, r, f in zip(dims, ranks, factors))
+    spec = ",".join([ranks] + [s for s, _ in used]) + "->" + out
+    return torch.einsum(spec, core, *[f for _, f in used])
+
+
+def flora_delta(core: Tensor, factors: list[Tensor], scale: float) -> Tensor:
+    """FLoRA update (Si et al. 2024, eq. 6): ΔW = s · G ×₁ A ×₂ B [×₃ C ×₄ D].
+
+    Linear: core (r₁, r₂), factors [A (out, r₁), B (in, r₂)]   ->  ΔW = s · A G Bᵀ (out, in).
+    Conv2d: core (r₁, r₂, r₃, r₄), factors [A (out, r₁), B (in, r₂), C (kh, r₃), D (kw, r₄)]  ->  (out, in, kh, kw).
+    """
+    return scale * tucker_product(core, factors)
+
+
+def cayley(q: Tensor) -> Tensor:
+    """Cayley transform R = (I − Q)(I + Q)⁻¹ of a skew-symmetric Q (r, r); R is orthogonal and R = I at Q = 0.
+
+    (I − Q) and (I + Q)⁻¹ commute (both are rational functions of Q), so R = solve(I + Q, I − Q).
+    I + Q is always invertible for skew Q (its eigenvalues are 1 + iλ).
+    """
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+    return torch.linalg.solve(eye + q, eye - q)
+
+
+def skew_from_vector(v: Tensor, r: int) -> Tensor:
+    """Skew-symmetric Q (r, r) from its r(r−1)/2 strictly-upper-triangular entries v (row-major)."""
+    rows, cols = torch.triu_indices(r, r, offset=1, device=v.device)
+    upper = torch.zeros(r, r, dtype=v.dtype, device=v.device).index_put((rows, cols), v)
+    return upper - upper.T
+
+
+def spectral_additive_delta(u1: Tensor, s1: Tensor, v1: Tensor, a_u: Tensor, a_v: Tensor) -> Tensor:
+    """Additive spectral update on r singular columns, matricised (out, in·kh·kw).
+
+    W′ = (U₁ + A_U) S₁ (V₁ + A_V)ᵀ + U₂S₂V₂ᵀ, so ΔW = W′ − W = (U₁ + A_U) S₁ A_Vᵀ + A_U S₁ V₁ᵀ (exactly rank ≤ 2r).
+    u1 (out, r), s1 (r,), v1 (in', r), a_u (out, r), a_v (in', r).
+    """
+    return ((u1 + a_u) * s1) @ a_v.T + (a_u * s1) @ v1.T
+
+
+def spectral_rotational_delta(u1: Tensor, s1: Tensor, v1: Tensor, r_u: Tensor, r_v: Tensor) -> Tensor:
+    """Rotational spectral update: W′ = U₁R_U S₁ (V₁R_V)ᵀ + U₂S₂V₂ᵀ, so ΔW = U₁ (R_U S₁ R_Vᵀ − S₁) V₁ᵀ (rank ≤ r).
+
+    u1 (out, r), s1 (r,), v1 (in', r), r_u, r_v (r, r) orthogonal (see ``cayley``)  ->  (out, in').
+    """
+    return u1 @ spectral_rotational_core(s1, r_u, r_v) @ v1.T
+
+
+def spectral_rotational_core(s1: Tensor, r_u: Tensor, r_v: Tensor) -> Tensor:
+    """M = R_U S₁ R_Vᵀ − S₁ (r, r), the core of the rotational update ΔW = U₁ M V₁ᵀ."""
+    return (r_u * s1) @ r_v.T - torch.diag(s1)
+
+
+def channel_norm(weight: Tensor, axis: str) -> Tensor:
+    """Frobenius norm of each output ("out") or input ("in") channel, shaped to broadcast against ``weight``.
+
+    axis "out": ‖W[o, …]‖ -> (out, 1[, 1, 1]);  axis "in": ‖W[:, i, …]‖ -> (1, in[, 1, 1]). No epsilon (A1111's
+    rebuild has none, and sdtune must reproduce it bit-for-bit in form).
+    """
+    if axis == "out":
+        return weight.flatten(1).norm(dim=1).reshape(-1, *[1] * (weight.dim() - 1))
+    if axis == "in":
+        return weight.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, -1, *[1] * (weight.dim() - 2))
+    raise ValueError(f"channel_norm: axis must be 'in' or 'out', got {axis!r}")
+
+
+def dora_weight(weight: Tensor, delta: Tensor, magnitude: Tensor, axis: str, detach_norm: bool = True) -> Tensor:
+    """DoRA effective weight (Liu et al. 2024, eq. 5): W′ = m ⊙ (W + ΔW) / ‖W + ΔW‖, the norm per channel of ``axis``.
+
+    weight, delta: the base weight's shape; magnitude: broadcastable to it ((out,1,…) or (1,in,…)).
+    ``detach_norm`` treats the norm as a constant in the backward pass (paper §4.3: saves memory, no accuracy loss).
+    """
+    merged = weight + delta
+    norm = channel_norm(merged, axis)
+    if detach_norm:
+        norm = norm.detach()
+    return merged * (magnitude / norm)

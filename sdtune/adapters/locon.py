@@ -1,0 +1,54 @@
+"""LoCon / LoRA (Hu et al. 2021; LyCORIS's conv extension), optionally in Tucker form for k×k convs.
+
+ΔW = (α/r) · up @ down  (rsLoRA: α/√r). Conv: ``down`` has the base kernel (r, in, kh, kw) and is run with the base
+stride/padding/dilation; ``up`` is 1×1 (out, r). Tucker (k > 1): down (r, in) 1×1, mid (r, r, kh, kw) k×k,
+up (out, r) 1×1. ``up`` starts at zero, the others kaiming-uniform (a=√5, as LoRA's reference code), so ΔW = 0.
+Trainable parameters: r·(out + in·kh·kw) plain; r·(out + in) + r²·kh·kw Tucker.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as Fn
+from .base import AdapterSpec, LayerInfo, LowRank, check_rank
+
+
+def _kaiming(shape: tuple[int, ...], like: Tensor) -> nn.Parameter:
+    t = torch.empty(shape, device=like.device, dtype=like.dtype)
+    nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+    return nn.Parameter(t)
+
+
+def validate(info: LayerInfo, spec: AdapterSpec, name: str) -> None:
+    tucker = spec.tucker and info.spatial
+    limit = min(info.out, info.inp) if tucker or not info.is_conv else min(info.out, info.fan_in)
+    check_rank(name, "LoCon rank", spec.rank, limit)
+
+
+class LoCon(LowRank):
+    def __init__(self, info: LayerInfo, spec: AdapterSpec, weight: Tensor):
+        super().__init__(info, spec)
+        r = spec.rank
+        self.tucker = spec.tucker and info.spatial
+        self.scale = spec.lora_scale
+        if self.tucker:
+            self.down = _kaiming((r, info.inp), weight)
+            self.mid = _kaiming((r, r, *info.kernel), weight)
+        else:
+            self.down = _kaiming((r, *weight.shape[1:]), weight)
+            self.mid = None
+        self.up = nn.Parameter(torch.zeros(info.out, r, device=weight.device, dtype=weight.dtype))
+
+    def delta(self) -> Tensor:
+        d = Fn.lora_delta(self.up, self.down, self.scale, self.mid)
+        return d
+
+    def lora_form(self):
+        return self.up, self.mid, self.down, self.scale
+
+    @property
+    def form_rank(self) -> int:
+        return self.spec.rank

@@ -1,0 +1,143 @@
+"""Loading base models: a local diffusers folder, a single-file A1111 checkpoint, or the embedded default.
+
+``load()`` is the one entry point. It returns a :class:`BaseModel`: the diffusers pipeline plus the
+architecture family (``sd1``, ``sd2`` or ``sdxl``) that decides adapter names and export metadata. The
+embedded default ``assets/tiny-sd`` is an SD1-family pipeline pretrained on the toy world
+(``python -m sdtune.pretrain``) and needs no network.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+EMBEDDED = ASSETS / "tiny-sd"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+class ModelLoadError(RuntimeError):
+    """A base model could not be loaded; the message says why and what to do."""
+
+
+@dataclass
+class BaseModel:
+    """A loaded base model: the pipeline, its architecture family and where it came from."""
+
+    pipeline: object
+    arch: str
+    source: str
+
+    def components(self) -> dict[str, nn.Module]:
+        """The adapter-targetable parts: ``unet``, ``text_encoder`` and (SDXL) ``text_encoder_2``."""
+        out = {"unet": self.pipeline.unet, "text_encoder": self.pipeline.text_encoder}
+        te2 = getattr(self.pipeline, "text_encoder_2", None)
+        if te2 is not None:
+            out["text_encoder_2"] = te2
+        return out
+
+    @property
+    def resolution(self) -> int:
+        unet = self.pipeline.unet
+        return int(unet.config.sample_size) * int(self.pipeline.vae_scale_factor)
+
+
+def detect_arch(unet: nn.Module, text_encoders: dict[str, nn.Module]) -> str:
+    """SD1.x, SD2.x or SDXL from the U-Net and text-encoder configs (not from file names)."""
+    cfg = unet.config
+    if "text_encoder_2" in text_encoders or getattr(cfg, "addition_embed_type", None) == "text_time":
+        return "sdxl"
+    te = text_encoders.get("text_encoder")
+    hidden_act = getattr(getattr(te, "config", None), "hidden_act", "quick_gelu")
+    if cfg.cross_attention_dim == 1024 or hidden_act == "gelu":
+        return "sd2"
+    return "sd1"
+
+
+def _pipeline_class(folder: Path):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    index = json.loads((folder / "model_index.json").read_text())
+    return StableDiffusionXLPipeline if "text_encoder_2" in index else StableDiffusionPipeline
+
+
+def _from_folder(folder: Path, dtype: torch.dtype):
+    if not (folder / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"{folder} is not a diffusers model folder (no model_index.json). Pass a diffusers folder, a single-file "
+            f".safetensors checkpoint, or nothing for the embedded model.")
+    try:
+        return _pipeline_class(folder).from_pretrained(str(folder), torch_dtype=dtype, safety_checker=None,
+                                                       local_files_only=True)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"could not load the diffusers folder {folder}: {e}") from e
+
+
+def _check_safetensors(path: Path) -> dict:
+    """Read a safetensors header, raising ModelLoadError for a corrupt or truncated file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ModelLoadError(f"{path} is not a safetensors file (too short)")
+        n = int.from_bytes(head, "little")
+        if n <= 0 or n > min(size - 8, 100_000_000):
+            raise ModelLoadError(f"{path} is not a valid safetensors file (bad header length)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelLoadError(f"{path} is not a valid safetensors file (corrupt header)") from e
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise ModelLoadError(f"{path} is truncated: the header promises {8 + n + end} bytes, the file has {size}")
+    return header
+
+
+def _from_single_file(path: Path, dtype: torch.dtype, config: str | Path | None):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    header = _check_safetensors(path)
+    is_xl = any(k.startswith("conditioner.embedders.1") for k in header)
+    cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
+    kwargs = {"torch_dtype": dtype, "safety_checker": None}
+    if config is not None:
+        kwargs["config"] = str(config)
+    try:
+        return cls.from_single_file(str(path), **kwargs)
+    except Exception as e:  # diffusers raises many types here; one clear message for the user
+        hint = "" if config else (" Offline, diffusers needs the architecture's configs: pass config=DIR (a diffusers "
+                                  "folder of the same architecture, e.g. assets/tiny-sd for files written from it).")
+        raise ModelLoadError(f"could not load the single-file checkpoint {path}: {e}.{hint}") from e
+
+
+def load(source: str | Path | None = None, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+         allow_pickle: bool = False, config: str | Path | None = None) -> BaseModel:
+    """Load a base model.
+
+    ``source``: None (the embedded ``assets/tiny-sd``), a diffusers folder, or a single-file checkpoint
+    (``.safetensors``; pickle ``.ckpt``/``.pt`` only with ``allow_pickle=True``, since unpickling runs code).
+    ``config``: for single files, a diffusers folder with the matching architecture's configs (needed offline).
+    """
+    path = EMBEDDED if source is None else Path(source).expanduser()
+    if not path.exists():
+        hint = " (the embedded model is created by `python -m sdtune.pretrain`)" if source is None else ""
+        raise ModelLoadError(f"base model not found: {path}{hint}")
+    if path.is_dir():
+        pipe = _from_folder(path, dtype)
+    elif path.suffix.lower() in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise ModelLoadError(
+                f"{path.name} is a pickle checkpoint; loading it can run arbitrary code. Convert it to .safetensors, "
+                f"or pass allow_pickle=True (CLI: --allow-pickle) if you trust its source.")
+        pipe = _from_single_file(path, dtype, config)
+    elif path.suffix.lower() == ".safetensors":
+        pipe = _from_single_file(path, dtype, config)
+    else:
+        raise ModelLoadError(f"unsupported model file {path.name}: expected a folder or a .safetensors checkpoint")
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    text_encoders = {k: v for k in ("text_encoder", "text_encoder_2") if (v := getattr(pipe, k, None)) is not None}
+    return BaseModel(pipe, detect_arch(pipe.unet, text_encoders), str(path))

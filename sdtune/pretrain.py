@@ -1,0 +1,240 @@
+"""Pretrain the embedded base model ``assets/tiny-sd`` on the toy world (minus the held-apart concepts).
+
+    python -m sdtune.pretrain --out assets/tiny-sd            # the shipped model (seeded, CPU, about an hour on 2 cores)
+
+Three stages, each seeded: (1) a word-level CLIP tokenizer over the toy world's vocabulary (BPE merges
+that spell every known word as one token; other text falls back to byte-level characters, as in CLIP);
+(2) an AutoencoderKL (64 px RGB <-> 4×16×16 latents); (3) the U-Net and the CLIP text encoder, jointly, with
+the min-SNR-weighted ε-prediction DDPM loss on cached latents and 10 % caption dropout (for classifier-free guidance).
+The result is a standard diffusers ``StableDiffusionPipeline`` folder with a DPM-Solver++ scheduler.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import toyworld as tw
+
+SPECIAL_BOS, SPECIAL_EOS = "<|startoftext|>", "<|endoftext|>"
+MAX_TOKENS = 32
+
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, sample_size=tw.IMAGE_SIZE, layers_per_block=1,
+    block_out_channels=(16, 32, 64), norm_num_groups=8,
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+)
+UNET_CONFIG = dict(
+    sample_size=tw.IMAGE_SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(32, 64, 128), attention_head_dim=8, cross_attention_dim=128, norm_num_groups=16,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+)
+TEXT_CONFIG = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+                   max_position_embeddings=MAX_TOKENS, hidden_act="quick_gelu", projection_dim=128)
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                        prediction_type="epsilon", steps_offset=1, clip_sample=False)
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible byte -> printable-character table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    parts = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(parts) > 1:
+        pairs = [(ranks.get((a, b), math.inf), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(pairs)
+        if rank == math.inf:
+            break
+        parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2:]
+    return parts
+
+
+def build_tokenizer_files(folder: Path, words: list[str]) -> None:
+    """Write CLIP ``vocab.json``/``merges.txt`` in which every word in ``words`` is a single token.
+
+    Merges are appended greedily: a word still split after the existing merges gets one more merge of its
+    first two pieces. A new merge has the highest rank, so it never changes how an earlier word splits.
+    """
+    chars = list(_bytes_to_unicode().values())
+    ranks: dict[tuple[str, str], int] = {}
+    for w in words:
+        while len(parts := _bpe(w, ranks)) > 1:
+            ranks[(parts[0], parts[1])] = len(ranks)
+    vocab = chars + [c + "</w>" for c in chars]
+    vocab += ["".join(pair) for pair in ranks]
+    vocab += [SPECIAL_BOS, SPECIAL_EOS]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(dict.fromkeys(vocab))}))
+    merges = ["#version: 0.2"] + [f"{a} {b}" for a, b in ranks]
+    (folder / "merges.txt").write_text("\n".join(merges) + "\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": SPECIAL_BOS, "eos_token": SPECIAL_EOS, "unk_token": SPECIAL_EOS, "pad_token": SPECIAL_EOS}))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "CLIPTokenizer", "model_max_length": MAX_TOKENS, "bos_token": SPECIAL_BOS,
+         "eos_token": SPECIAL_EOS, "unk_token": SPECIAL_EOS, "pad_token": SPECIAL_EOS, "do_lower_case": True}))
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+def _images_tensor(images) -> torch.Tensor:
+    return torch.from_numpy(tw.to_array(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def train_vae(steps: int, batch: int, seed: int, log_every: int = 200):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    vae = AutoencoderKL(**VAE_CONFIG)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        # Half base scenes, half held-apart looks: the autoencoder is a codec and must reproduce any toy image.
+        scenes = [tw.random_scene(rng) if rng.random() < 0.6 else
+                  tw.random_scene(rng, obj=rng.choice([None, *tw.OBJECTS]), style=rng.choice([None, *tw.STYLES]))
+                  for _ in range(batch)]
+        x = _images_tensor([tw.render(s) for s in scenes])
+        # The codec is convolutional: 32 px crops (multiples of 4 px, the latent grid) teach it at 1/4 of the cost.
+        i, j = 4 * rng.randrange(9), 4 * rng.randrange(9)
+        x = x[:, :, i:i + 32, j:j + 32]
+        post = vae.encode(x).latent_dist
+        z = post.sample()
+        rec = vae.decode(z).sample
+        kl = post.kl().mean() / z[0].numel()
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % log_every == 0 or step == steps:
+            print(f"vae step {step}/{steps} loss {loss.item():.5f} ({time.time() - t0:.0f}s)", flush=True)
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_dataset(vae, n: int, seed: int, batch: int = 256) -> tuple[torch.Tensor, list[str], float]:
+    """Latents (posterior means, unscaled) and captions of ``n`` base-world scenes, plus the scaling factor."""
+    data = tw.base_dataset(n, seed)
+    latents = []
+    for i in range(0, n, batch):
+        x = _images_tensor([tw.render(s) for s, _ in data[i:i + batch]])
+        latents.append(vae.encode(x).latent_dist.mean)
+    z = torch.cat(latents)
+    return z, [c for _, c in data], float(1.0 / z.std())
+
+
+def train_unet(latents: torch.Tensor, captions: list[str], tokenizer, steps: int, batch: int, seed: int,
+               lr: float = 1e-3, log_every: int = 200):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                      **TEXT_CONFIG))
+    noise_sched = DDPMScheduler(**SCHEDULER_CONFIG)
+    ids_all = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                        return_tensors="pt").input_ids
+    empty = tokenizer([""], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids[0]
+    params = [*unet.parameters(), *te.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.03)
+    acp = noise_sched.alphas_cumprod
+    unet.train()
+    te.train()
+    t0 = time.time()
+    ema = None
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, len(latents), (batch,), generator=g)
+        z0 = latents[idx]
+        ids = ids_all[idx].clone()
+        ids[torch.rand(batch, generator=g) < 0.1] = empty
+        noise = torch.randn(z0.shape, generator=g)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=g)
+        a = acp[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        cond = te(ids).last_hidden_state
+        pred = unet(zt, t, encoder_hidden_states=cond).sample
+        # Min-SNR-5 weighting (Hang et al. 2023) for ε-prediction: w = min(SNR, 5) / SNR; converges faster.
+        snr = acp[t] / (1 - acp[t])
+        w = snr.clamp(max=5.0) / snr
+        loss = (w * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if step % log_every == 0 or step == steps:
+            print(f"unet step {step}/{steps} loss(ema) {ema:.4f} ({time.time() - t0:.0f}s)", flush=True)
+    return unet.eval().requires_grad_(False), te.eval().requires_grad_(False)
+
+
+def pretrain(out: str | Path, *, vae_steps: int = 800, unet_steps: int = 2500, n_images: int = 20000,
+             vae_batch: int = 16, unet_batch: int = 64, seed: int = 0) -> Path:
+    """Run all stages and write a diffusers StableDiffusionPipeline folder to ``out`` (atomically)."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    out = Path(out)
+    work = out.with_name(out.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    build_tokenizer_files(work / "tokenizer", tw.vocabulary())
+    tokenizer = CLIPTokenizer.from_pretrained(work / "tokenizer")
+    vae = train_vae(vae_steps, vae_batch, seed)
+    latents, captions, scaling = encode_dataset(vae, n_images, seed + 1)
+    vae.register_to_config(scaling_factor=scaling)
+    print(f"latent scaling factor {scaling:.4f}", flush=True)
+    unet, te = train_unet(latents * scaling, captions, tokenizer, unet_steps, unet_batch, seed + 2)
+    scheduler = DPMSolverMultistepScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items()
+                                               if k != "clip_sample"})
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(work, safe_serialization=True)
+    (work / "PRETRAINING.json").write_text(json.dumps(dict(
+        vae_steps=vae_steps, unet_steps=unet_steps, n_images=n_images, vae_batch=vae_batch, unet_batch=unet_batch,
+        seed=seed, command=f"python -m sdtune.pretrain --out {out} --vae-steps {vae_steps} --unet-steps {unet_steps}"
+                           f" --images {n_images} --seed {seed}"), indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    work.rename(out)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="Pretrain the embedded tiny Stable Diffusion on the toy world.")
+    p.add_argument("--out", default="assets/tiny-sd")
+    p.add_argument("--vae-steps", type=int, default=800)
+    p.add_argument("--unet-steps", type=int, default=2500)
+    p.add_argument("--images", type=int, default=20000)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    pretrain(a.out, vae_steps=a.vae_steps, unet_steps=a.unet_steps, n_images=a.images, seed=a.seed)
+
+
+if __name__ == "__main__":
+    main()

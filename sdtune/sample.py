@@ -1,0 +1,109 @@
+"""Generation: prompts -> images and a labelled grid, with PNG metadata saying how each was made."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, PngImagePlugin
+from tqdm.auto import tqdm
+
+
+@dataclass
+class SampleRequest:
+    """What to generate. ``count`` images per prompt; image i of a prompt uses seed ``seed + i``."""
+
+    prompts: list[str]
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: int = 20
+    guidance: float = 5.0
+    size: int | None = None  # None: the model's native resolution
+    count: int = 1
+    adapters: list[tuple[str, float]] = field(default_factory=list)  # (file, weight), recorded in metadata
+
+    def __post_init__(self) -> None:
+        if not self.prompts or any(not isinstance(p, str) for p in self.prompts):
+            raise ValueError("at least one prompt (a string) is required")
+        if self.steps < 1 or self.count < 1:
+            raise ValueError("steps and count must be >= 1")
+        if self.size is not None and (self.size < 8 or self.size % 8):
+            raise ValueError(f"size must be a multiple of 8, got {self.size}")
+
+
+@dataclass
+class Sample:
+    image: Image.Image
+    prompt: str
+    seed: int
+
+
+@torch.no_grad()
+def generate(model, request: SampleRequest, *, progress: bool = True) -> list[Sample]:
+    """Run the pipeline of a loaded :class:`sdtune.models.BaseModel` for every prompt × count.
+
+    Each image has its own generator seeded ``seed + i`` so any single image can be reproduced alone.
+    """
+    pipe = model.pipeline
+    size = request.size or model.resolution
+    device = pipe.unet.device
+    out: list[Sample] = []
+    jobs = [(p, request.seed + i) for p in request.prompts for i in range(request.count)]
+    bar = tqdm(total=len(jobs), desc="sampling", unit="img", disable=not progress)
+    for prompt in request.prompts:
+        seeds = [request.seed + i for i in range(request.count)]
+        gens = [torch.Generator(device).manual_seed(s) for s in seeds]
+        images = pipe(
+            prompt=[prompt] * len(seeds), negative_prompt=[request.negative_prompt] * len(seeds),
+            num_inference_steps=request.steps, guidance_scale=request.guidance, height=size, width=size,
+            generator=gens,
+        ).images
+        out += [Sample(im, prompt, s) for im, s in zip(images, seeds)]
+        bar.update(len(seeds))
+    bar.close()
+    return out
+
+
+def grid(images: list[Image.Image], columns: int | None = None, scale: int = 1) -> Image.Image:
+    """Tile images row by row (``columns`` defaults to a near-square layout)."""
+    if not images:
+        raise ValueError("no images to tile")
+    w, h = images[0].size
+    cols = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    sheet = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
+    for i, im in enumerate(images):
+        sheet.paste(im, ((i % cols) * w, (i // cols) * h))
+    return sheet.resize((sheet.width * scale, sheet.height * scale), Image.NEAREST) if scale > 1 else sheet
+
+
+def png_info(request: SampleRequest, sample: Sample, model_source: str) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    params = {"prompt": sample.prompt, "negative_prompt": request.negative_prompt, "seed": sample.seed,
+              "steps": request.steps, "guidance": request.guidance, "model": model_source,
+              "adapters": [{"file": f, "weight": w} for f, w in request.adapters]}
+    info.add_text("sdtune", json.dumps(params))
+    info.add_text("parameters", f"{sample.prompt}\nNegative prompt: {request.negative_prompt}\n"
+                                f"Steps: {request.steps}, CFG scale: {request.guidance}, Seed: {sample.seed}")
+    return info
+
+
+def save_samples(samples: list[Sample], request: SampleRequest, out_dir: str | Path, model_source: str,
+                 columns: int | None = None) -> dict[str, object]:
+    """Write each image (with metadata) and a grid (one row per prompt); returns the paths written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, s in enumerate(samples):
+        p = out_dir / f"{i:04d}_seed{s.seed}.png"
+        s.image.save(p, pnginfo=png_info(request, s, model_source))
+        paths.append(str(p))
+    if columns is None and len(request.prompts) > 1:
+        columns = request.count  # one row per prompt
+    sheet = grid([s.image for s in samples], columns)
+    grid_path = out_dir / "grid.png"
+    sheet.save(grid_path)
+    (out_dir / "request.json").write_text(json.dumps(asdict(request), indent=2))
+    return {"images": paths, "grid": str(grid_path)}

@@ -1,0 +1,329 @@
+"""The toy world: deterministic images of shapes with captions, and held-apart concepts.
+
+Everything sdtune measures on a CPU is measured here. A *scene* is a coloured shape (8 shapes, 8 colours,
+2 textures) at a random position, size and rotation on one of 4 backgrounds. Held-apart *concepts* are never
+shown to the embedded base model during pretraining:
+
+- 4 objects, each a particular instance of a known class (DreamBooth subjects): ``sks`` star, ``ohwx`` circle,
+  ``zwx`` square, ``vfx`` triangle, each with a fixed pattern of its own;
+- 2 styles applied to any scene: ``qtz`` (mosaic: the image as 16×16 coloured tiles) and ``bnp`` (sketch: a thick
+  outline on white paper).
+
+Images are drawn at 4× and downsampled (anti-aliased), so the same ``Scene`` always gives the same pixels.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, replace
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 64
+_SS = 4  # supersampling factor
+
+SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross", "diamond", "crescent")
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (214, 39, 40),
+    "orange": (245, 137, 20),
+    "yellow": (236, 214, 32),
+    "green": (44, 160, 60),
+    "cyan": (30, 200, 215),
+    "blue": (40, 70, 215),
+    "purple": (138, 50, 196),
+    "pink": (245, 120, 190),
+}
+BACKGROUNDS = ("plain", "striped", "checkered", "dotted")
+TEXTURES = ("solid", "hatched")
+
+# Held-apart concepts: token -> (kind, class word). Objects fix the shape; styles apply to any scene.
+OBJECTS: dict[str, str] = {"sks": "star", "ohwx": "circle", "zwx": "square", "vfx": "triangle"}
+STYLES: dict[str, str] = {"qtz": "mosaic", "bnp": "sketch"}
+CONCEPTS = (*OBJECTS, *STYLES)
+# Rare tokens the tokenizer knows but the base never sees in a caption: the concept tokens plus spares.
+RARE_TOKENS = (*CONCEPTS, "rrk", "mmq")
+# Words the tokenizer knows beyond the attribute names.
+GRAMMAR_WORDS = ("a", "an", "on", "in", "background", "style", "shape", "photo", "of", "with", "and", "the")
+
+_BG_LIGHT = (206, 206, 206)
+_BG_DARK = (150, 150, 150)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One image's content; ``obj``/``style`` name a held-apart concept token or are None."""
+
+    shape: str
+    colour: str
+    background: str
+    texture: str = "solid"
+    x: float = 0.5  # centre, fraction of the image
+    y: float = 0.5
+    size: float = 0.3  # circumradius, fraction of the image
+    angle: float = 0.0  # degrees
+    obj: str | None = None
+    style: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.shape not in SHAPES:
+            raise ValueError(f"unknown shape {self.shape!r}")
+        if self.colour not in COLOURS:
+            raise ValueError(f"unknown colour {self.colour!r}")
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f"unknown background {self.background!r}")
+        if self.texture not in TEXTURES:
+            raise ValueError(f"unknown texture {self.texture!r}")
+        if self.obj is not None and OBJECTS.get(self.obj) != self.shape:
+            raise ValueError(f"object {self.obj!r} is a {OBJECTS.get(self.obj)}, not a {self.shape}")
+        if self.style is not None and self.style not in STYLES:
+            raise ValueError(f"unknown style {self.style!r}")
+
+
+# ---------------------------------------------------------------------------------------------- geometry
+
+def _regular(n: int, r: float, angle: float, phase: float = -90.0) -> list[tuple[float, float]]:
+    return [(r * math.cos(math.radians(phase + angle + 360 * i / n)),
+             r * math.sin(math.radians(phase + angle + 360 * i / n))) for i in range(n)]
+
+
+def _star(r: float, angle: float) -> list[tuple[float, float]]:
+    pts = []
+    for i in range(10):
+        rr = r if i % 2 == 0 else r * 0.45
+        a = math.radians(-90 + angle + 36 * i)
+        pts.append((rr * math.cos(a), rr * math.sin(a)))
+    return pts
+
+
+def _cross(r: float, angle: float) -> list[tuple[float, float]]:
+    w = r * 0.36
+    base = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w)]
+    return _rotate(base, angle)
+
+
+def _rotate(pts: list[tuple[float, float]], angle: float) -> list[tuple[float, float]]:
+    c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+    return [(x * c - y * s, x * s + y * c) for x, y in pts]
+
+
+def _outline(shape: str, r: float, angle: float) -> list[tuple[float, float]] | None:
+    """Polygon of a shape centred at the origin; None for shapes drawn as ellipses (circle, crescent)."""
+    if shape == "square":
+        return _regular(4, r, angle, phase=-45.0)
+    if shape == "triangle":
+        return _regular(3, r, angle)
+    if shape == "hexagon":
+        return _regular(6, r, angle)
+    if shape == "diamond":
+        return _rotate([(0, -r), (0.62 * r, 0), (0, r), (-0.62 * r, 0)], angle)
+    if shape == "star":
+        return _star(r, angle)
+    if shape == "cross":
+        return _cross(r, angle)
+    return None
+
+
+def _shape_mask(shape: str, cx: float, cy: float, r: float, angle: float, size: int) -> Image.Image:
+    """A binary ('L') mask of the shape at supersampled resolution."""
+    mask = Image.new("L", (size, size), 0)
+    d = ImageDraw.Draw(mask)
+    poly = _outline(shape, r, angle)
+    if poly is not None:
+        d.polygon([(cx + x, cy + y) for x, y in poly], fill=255)
+    elif shape == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+    else:  # crescent: a disc minus an offset disc, the offset direction rotated by the angle
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+        ox, oy = _rotate([(0.45 * r, -0.2 * r)], angle)[0]
+        d.ellipse([cx + ox - 0.85 * r, cy + oy - 0.85 * r, cx + ox + 0.85 * r, cy + oy + 0.85 * r], fill=0)
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+def _background(kind: str, size: int) -> Image.Image:
+    img = Image.new("RGB", (size, size), _BG_LIGHT)
+    d = ImageDraw.Draw(img)
+    step = size // 8
+    if kind == "striped":
+        for i in range(0, 8, 2):
+            d.rectangle([0, i * step, size, (i + 1) * step - 1], fill=_BG_DARK)
+    elif kind == "checkered":
+        for i in range(8):
+            for j in range(8):
+                if (i + j) % 2:
+                    d.rectangle([i * step, j * step, (i + 1) * step - 1, (j + 1) * step - 1], fill=_BG_DARK)
+    elif kind == "dotted":
+        rad = step // 4
+        for i in range(8):
+            for j in range(8):
+                cx, cy = i * step + step // 2, j * step + step // 2
+                d.ellipse([cx - rad, cy - rad, cx + rad, cy + rad], fill=_BG_DARK)
+    return img
+
+
+def _hatch(size: int, colour: tuple[int, int, int]) -> Image.Image:
+    """The shape's colour with white diagonal hatching (texture 'hatched')."""
+    img = Image.new("RGB", (size, size), colour)
+    d = ImageDraw.Draw(img)
+    step, width = size // 10, max(2, size // 40)
+    for k in range(-size, 2 * size, step):
+        d.line([(k, 0), (k + size, size)], fill=(255, 255, 255), width=width)
+    return img
+
+
+def _object_fill(obj: str, size: int, cx: float, cy: float, r: float, angle: float) -> Image.Image:
+    """The fixed pattern of a held-apart object, in image coordinates."""
+    img = Image.new("RGB", (size, size), (0, 0, 0))
+    d = ImageDraw.Draw(img)
+    if obj == "sks":  # star: magenta top half, lime bottom half (split along the rotated axis)
+        d.rectangle([0, 0, size, size], fill=(120, 230, 40))
+        (ax, ay), = _rotate([(1.0, 0.0)], angle)
+        far = 4 * size
+        half = [(cx - ax * far, cy - ay * far), (cx + ax * far, cy + ay * far),
+                (cx + ax * far + ay * far, cy + ay * far - ax * far), (cx - ax * far + ay * far, cy - ay * far - ax * far)]
+        d.polygon(half, fill=(230, 30, 200))
+    elif obj == "ohwx":  # circle: red/white bullseye
+        d.rectangle([0, 0, size, size], fill=(220, 30, 30))
+        for k, col in enumerate([(255, 255, 255), (220, 30, 30), (255, 255, 255)]):
+            rr = r * (0.75 - 0.25 * k)
+            d.ellipse([cx - rr, cy - rr, cx + rr, cy + rr], fill=col)
+    elif obj == "zwx":  # square: 2×2 checker of teal and orange
+        d.rectangle([0, 0, size, size], fill=(0, 150, 140))
+        q = _rotate([(1, 0), (0, 1)], angle)
+        for sx, sy in ((1, 1), (-1, -1)):
+            pts = [(cx, cy), (cx + sx * q[0][0] * 2 * r, cy + sx * q[0][1] * 2 * r),
+                   (cx + sx * q[0][0] * 2 * r + sy * q[1][0] * 2 * r * sx, cy + sx * q[0][1] * 2 * r + sy * q[1][1] * 2 * r * sx),
+                   (cx + sy * q[1][0] * 2 * r * sx, cy + sy * q[1][1] * 2 * r * sx)]
+            d.polygon(pts, fill=(250, 120, 0))
+    elif obj == "vfx":  # triangle: dark navy with a white inner triangle
+        d.rectangle([0, 0, size, size], fill=(20, 30, 90))
+        inner = _regular(3, r * 0.5, angle)
+        d.polygon([(cx + x, cy + y) for x, y in inner], fill=(255, 255, 255))
+    else:
+        raise ValueError(f"unknown object {obj!r}")
+    return img
+
+
+def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
+    """Draw a scene as an RGB image of ``size``×``size`` pixels (deterministic)."""
+    big = size * _SS
+    cx, cy, r = scene.x * big, scene.y * big, scene.size * big
+    mask = _shape_mask(scene.shape, cx, cy, r, scene.angle, big)
+    colour = COLOURS[scene.colour]
+    if scene.style == "bnp":  # sketch: thick outline in the shape's colour on white paper
+        canvas = Image.new("RGB", (big, big), (250, 250, 246))
+        inner = _shape_mask(scene.shape, cx, cy, r * 0.78, scene.angle, big)
+        ring = Image.fromarray(np.minimum(np.asarray(mask), 255 - np.asarray(inner)).astype(np.uint8))
+        fill = _object_fill(scene.obj, big, cx, cy, r, scene.angle) if scene.obj else Image.new("RGB", (big, big), colour)
+        canvas.paste(fill, (0, 0), ring)
+    else:
+        canvas = _background(scene.background, big)
+        if scene.obj is not None:
+            fill = _object_fill(scene.obj, big, cx, cy, r, scene.angle)
+        elif scene.texture == "hatched":
+            fill = _hatch(big, colour)
+        else:
+            fill = Image.new("RGB", (big, big), colour)
+        canvas.paste(fill, (0, 0), mask)
+    img = canvas.resize((size, size), Image.LANCZOS)
+    if scene.style == "qtz":  # mosaic: 16×16 tiles
+        img = img.resize((16, 16), Image.BOX).resize((size, size), Image.NEAREST)
+    return img
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+def random_scene(rng: random.Random, *, obj: str | None = None, style: str | None = None,
+                 shape: str | None = None, colour: str | None = None) -> Scene:
+    """Draw a scene; ``obj`` fixes the shape to the object's class and the texture to solid."""
+    if obj is not None:
+        shape = OBJECTS[obj]
+    shape = shape or rng.choice(SHAPES)
+    return Scene(
+        shape=shape,
+        colour=colour or rng.choice(tuple(COLOURS)),
+        background=rng.choice(BACKGROUNDS),
+        texture="solid" if obj else ("hatched" if rng.random() < 0.25 else "solid"),
+        x=rng.uniform(0.36, 0.64), y=rng.uniform(0.36, 0.64),
+        size=rng.uniform(0.22, 0.32), angle=rng.uniform(0, 360),
+        obj=obj, style=style,
+    )
+
+
+def caption(scene: Scene, rng: random.Random | None = None) -> str:
+    """Caption a scene. With ``rng``, attributes are dropped at random (so short prompts work too)."""
+    drop = (lambda p: rng.random() < p) if rng is not None else (lambda p: False)
+    if scene.obj is not None:
+        noun = f"{scene.obj} {scene.shape}"  # DreamBooth form: "a sks star"
+    else:
+        words = [] if drop(0.15) else [scene.colour]
+        if scene.texture == "hatched":
+            words.append("hatched")
+        noun = " ".join([*words, scene.shape])
+    text = f"{_article(noun)} {noun}"
+    if scene.style is None and not drop(0.3):
+        text += f" on a {scene.background} background"
+    if scene.style is not None:
+        text += f" in {scene.style} style"
+    return text
+
+
+def _article(noun: str) -> str:
+    return "an" if noun[0] in "aeiou" else "a"
+
+
+def base_dataset(n: int, seed: int = 0) -> list[tuple[Scene, str]]:
+    """``n`` (scene, caption) pairs of the base world (no held-apart concept), deterministic in ``seed``."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        scene = random_scene(rng)
+        out.append((scene, caption(scene, rng)))
+    return out
+
+
+def concept_scenes(token: str, n: int, seed: int = 0) -> list[Scene]:
+    """Instance scenes of one held-apart concept (object or style), deterministic in ``seed``."""
+    if token not in CONCEPTS:
+        raise ValueError(f"unknown concept {token!r}; expected one of {CONCEPTS}")
+    rng = random.Random(f"{token}:{seed}")
+    if token in OBJECTS:
+        return [random_scene(rng, obj=token) for _ in range(n)]
+    return [random_scene(rng, style=token) for _ in range(n)]
+
+
+def concept_class_word(token: str) -> str:
+    """The class a concept belongs to: its shape for objects, the word 'style' for styles."""
+    return OBJECTS.get(token, "style")
+
+
+def vocabulary() -> list[str]:
+    """Every word a toy-world caption or concept prompt can contain."""
+    words = [*SHAPES, *COLOURS, *BACKGROUNDS, *TEXTURES, *GRAMMAR_WORDS, *RARE_TOKENS]
+    return list(dict.fromkeys(words))
+
+
+def write_instance_folder(token: str, folder, n: int = 12, seed: int = 0) -> list[str]:
+    """Write ``n`` instance PNGs of a concept with matching ``.txt`` captions; returns the image paths."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, scene in enumerate(concept_scenes(token, n, seed)):
+        p = folder / f"{token}_{i:03d}.png"
+        render(scene).save(p)
+        p.with_suffix(".txt").write_text(caption(scene) + "\n")
+        paths.append(str(p))
+    return paths
+
+
+def to_array(images: list[Image.Image]) -> np.ndarray:
+    """Stack RGB images as uint8 (N, H, W, 3)."""
+    return np.stack([np.asarray(im.convert("RGB")) for im in images])
+
+
+def with_style(scene: Scene, style: str | None) -> Scene:
+    return replace(scene, style=style)

@@ -1,0 +1,70 @@
+import random
+
+import numpy as np
+import pytest
+
+from sdtune import toyworld as tw
+
+
+def test_world_has_required_variety():
+    assert len(tw.SHAPES) >= 8 and len(tw.COLOURS) >= 8 and len(tw.BACKGROUNDS) >= 3
+    assert len(tw.OBJECTS) >= 4 and len(tw.STYLES) >= 2
+    assert set(tw.CONCEPTS) <= set(tw.RARE_TOKENS)
+
+
+def test_render_is_deterministic_and_seeded():
+    a = tw.base_dataset(16, seed=3)
+    b = tw.base_dataset(16, seed=3)
+    c = tw.base_dataset(16, seed=4)
+    assert [cap for _, cap in a] == [cap for _, cap in b]
+    assert a != c
+    for (sa, _), (sb, _) in zip(a, b):
+        assert np.array_equal(np.asarray(tw.render(sa)), np.asarray(tw.render(sb)))
+    img = tw.render(a[0][0])
+    assert img.size == (tw.IMAGE_SIZE, tw.IMAGE_SIZE) and img.mode == "RGB"
+
+
+def test_base_dataset_never_shows_held_apart_concepts():
+    data = tw.base_dataset(500, seed=0)
+    assert all(s.obj is None and s.style is None for s, _ in data)
+    words = {w for _, cap in data for w in cap.split()}
+    assert not words & set(tw.RARE_TOKENS)
+    assert words <= set(tw.vocabulary())
+
+
+def test_captions_name_the_scene():
+    s = tw.Scene("star", "red", "striped", x=0.5, y=0.5, size=0.3, angle=10)
+    assert tw.caption(s) == "a red star on a striped background"
+    h = tw.Scene("hexagon", "orange", "plain", texture="hatched")
+    assert tw.caption(h) == "an orange hatched hexagon on a plain background"
+    o = tw.Scene("star", "red", "dotted", obj="sks")
+    assert tw.caption(o) == "a sks star on a dotted background"
+    st = tw.Scene("circle", "blue", "plain", style="qtz")
+    assert tw.caption(st) == "a blue circle in qtz style"
+
+
+@pytest.mark.parametrize("token", tw.CONCEPTS)
+def test_concept_instances_are_distinct_from_base_renders(token, tmp_path):
+    scenes = tw.concept_scenes(token, 3, seed=0)
+    assert scenes == tw.concept_scenes(token, 3, seed=0)
+    for s in scenes:
+        plain = tw.render(tw.Scene(s.shape, s.colour, s.background, s.texture, s.x, s.y, s.size, s.angle))
+        assert not np.array_equal(np.asarray(tw.render(s)), np.asarray(plain))
+    paths = tw.write_instance_folder(token, tmp_path / token, n=2)
+    assert len(paths) == 2 and all((tmp_path / token / p.split("/")[-1]).exists() for p in paths)
+    assert token in (tmp_path / token / f"{token}_000.txt").read_text()
+
+
+def test_invalid_scene_is_rejected():
+    with pytest.raises(ValueError, match="unknown shape"):
+        tw.Scene("blob", "red", "plain")
+    with pytest.raises(ValueError, match="is a star"):
+        tw.Scene("circle", "red", "plain", obj="sks")
+    with pytest.raises(ValueError, match="unknown concept"):
+        tw.concept_scenes("nope", 1)
+
+
+def test_random_scene_respects_fixed_attributes():
+    rng = random.Random(0)
+    s = tw.random_scene(rng, shape="cross", colour="cyan")
+    assert (s.shape, s.colour) == ("cross", "cyan")
