@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers.models.clip.modeling_clip import CLIPAttention, CLIPMLP
 
-from .adapters import Adapter, AdapterSpec, make_adapter, validate_layer
+from .adapters import Adapter, AdapterSpec, build_adapter, validate_layer
 from .names import kohya_name
 
 PRESETS = ("attn", "resnet", "sample", "te")
@@ -111,7 +111,7 @@ def attach(components: dict[str, nn.Module], rules: Sequence[tuple[str, AdapterS
             raise ValueError(f"preset {preset!r} matches no module in components {sorted(components)}")
         for key in targets:
             table[key] = spec
-    checked: list[tuple[str, _Place, AdapterSpec, nn.Module]] = []
+    checked: list[tuple] = []
     seen: dict[str, tuple[str, str]] = {}
     for (component, path), spec in table.items():
         place = _place(components, component, path)
@@ -122,13 +122,13 @@ def attach(components: dict[str, nn.Module], rules: Sequence[tuple[str, AdapterS
         if name in seen:
             raise ValueError(f"{name}: kohya name shared by {seen[name]} and {(component, path)}")
         seen[name] = (component, path)
-        validate_layer(layer, spec, f"{name} ({component}.{path})")
-        checked.append((name, place, spec, layer))
-    adapters = {name: make_adapter(layer, spec, name, svd_cache_dir=svd_cache_dir)
-                for name, place, spec, layer in checked}
-    for name, place, _, _ in checked:
+        info = validate_layer(layer, spec, f"{name} ({component}.{path})")
+        checked.append((name, place, spec, layer, info))
+    adapters = {name: build_adapter(layer, spec, name, info, svd_cache_dir=svd_cache_dir)
+                for name, place, spec, layer, info in checked}
+    for name, place, *_ in checked:
         _set(place, adapters[name])
-    return Injection(arch, adapters, {name: place for name, place, _, _ in checked}, list(rules))
+    return Injection(arch, adapters, {name: place for name, place, *_ in checked}, list(rules))
 
 
 def _set(place: _Place, module: nn.Module) -> None:

@@ -8,6 +8,7 @@ embedded default ``assets/tiny-sd`` is an SD1-family pipeline pretrained on the 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import torch
 from torch import nn
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-EMBEDDED = ASSETS / "tiny-sd"
+# SDTUNE_EMBEDDED points the default at another folder (e.g. a micro model while assets/tiny-sd is rebuilt).
+EMBEDDED = Path(os.environ.get("SDTUNE_EMBEDDED", ASSETS / "tiny-sd"))
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
@@ -70,7 +72,7 @@ def _from_folder(folder: Path, dtype: torch.dtype):
             f"{folder} is not a diffusers model folder (no model_index.json). Pass a diffusers folder, a single-file "
             f".safetensors checkpoint, or nothing for the embedded model.")
     try:
-        return _pipeline_class(folder).from_pretrained(str(folder), torch_dtype=dtype, safety_checker=None,
+        return _pipeline_class(folder).from_pretrained(str(folder), dtype=dtype, safety_checker=None,
                                                        local_files_only=True)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"could not load the diffusers folder {folder}: {e}") from e
@@ -102,7 +104,7 @@ def _from_single_file(path: Path, dtype: torch.dtype, config: str | Path | None)
     header = _check_safetensors(path)
     is_xl = any(k.startswith("conditioner.embedders.1") for k in header)
     cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
-    kwargs = {"torch_dtype": dtype, "safety_checker": None}
+    kwargs = {"dtype": dtype, "safety_checker": None}
     if config is not None:
         kwargs["config"] = str(config)
     try:

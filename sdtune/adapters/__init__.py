@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from . import flora, locon, spectral
-from .base import ALGORITHMS, Adapter, AdapterSpec, LayerInfo, choose_path, layer_info
+from .base import ALGORITHMS, Adapter, AdapterSpec, LayerInfo, all_finite, choose_path, layer_info
 from .dora import DoRA
 
-__all__ = ["ALGORITHMS", "Adapter", "AdapterSpec", "DoRA", "choose_path", "make_adapter", "validate_layer"]
+__all__ = ["ALGORITHMS", "Adapter", "AdapterSpec", "DoRA", "choose_path", "build_adapter", "make_adapter", "validate_layer"]
 
 _LOW_RANK = {"locon": locon, "flora": flora, "spectral": spectral}
 
@@ -24,7 +24,7 @@ def validate_layer(base_layer: nn.Module, spec: AdapterSpec, kohya_name: str) ->
     info = layer_info(base_layer, kohya_name)
     _LOW_RANK[_low_rank_kind(spec)].validate(info, spec, kohya_name)
     w = base_layer.weight
-    if w.device.type != "meta" and not torch.isfinite(w).all():
+    if w.device.type != "meta" and not all_finite(w):
         raise ValueError(f"{kohya_name}: the base weight contains non-finite values")
     return info
 
@@ -32,7 +32,13 @@ def validate_layer(base_layer: nn.Module, spec: AdapterSpec, kohya_name: str) ->
 def make_adapter(base_layer: nn.Module, spec: AdapterSpec, kohya_name: str, *,
                  svd_cache_dir: str | Path | None = None) -> Adapter:
     """Wrap one frozen layer; the adapter's tensors live on the base weight's device and dtype. ΔW = 0 at start."""
-    info = validate_layer(base_layer, spec, kohya_name)
+    return build_adapter(base_layer, spec, kohya_name, validate_layer(base_layer, spec, kohya_name),
+                         svd_cache_dir=svd_cache_dir)
+
+
+def build_adapter(base_layer: nn.Module, spec: AdapterSpec, kohya_name: str, info: LayerInfo, *,
+                  svd_cache_dir: str | Path | None = None) -> Adapter:
+    """``make_adapter`` for a layer that ``validate_layer`` has already accepted (returned ``info``)."""
     kind = _low_rank_kind(spec)
     w = base_layer.weight.detach()
     if kind == "locon":

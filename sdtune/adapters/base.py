@@ -155,6 +155,12 @@ def layer_info(layer: nn.Module, name: str) -> LayerInfo:
     raise ValueError(f"{name}: unsupported layer type {type(layer).__name__} (sdtune adapts nn.Linear and nn.Conv2d)")
 
 
+def all_finite(t: Tensor) -> bool:
+    """True if no element is inf/NaN: one reduction without a full-size bool temporary (NaN and ±inf propagate
+    through the sum; accumulated in fp32/fp64 so that half-precision sums cannot overflow)."""
+    return bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)))
+
+
 def check_rank(name: str, what: str, rank: int, limit: int) -> None:
     if rank > limit:
         raise ValueError(f"{name}: {what} {rank} is larger than the layer allows ({limit})")
@@ -304,7 +310,7 @@ class Adapter(nn.Module):
         if self.merged:
             raise RuntimeError(f"{self.kohya_name}: adapter is already merged")
         new = self._merged_weight()
-        if not torch.isfinite(new).all():
+        if not all_finite(new):
             raise ValueError(f"{self.kohya_name}: merging gives non-finite weights; the base layer was not changed")
         self.base.weight.copy_(new)
         self.merged = True

@@ -284,16 +284,22 @@ class AppliedFile:
     def apply(self) -> AppliedFile:
         if self._saved:
             raise RuntimeError(f"{self.file.path} is already applied")
-        for name, module in self.file.modules.items():
-            if module.component is None:
-                continue
-            param = target_layer(self.components, module.component, module.module_path).weight
-            dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
-            delta = module.effective_delta(param.detach(), self.weight, dtype)
-            original = param.detach().clone()
-            param.copy_((original.to(dtype) + delta).to(param.dtype))
-            self._saved[name] = [param, original, param._version]
-            _STACKS.setdefault(param, []).append(self)
+        try:
+            for name, module in self.file.modules.items():
+                if module.component is None:
+                    continue
+                param = target_layer(self.components, module.component, module.module_path).weight
+                dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+                new = param.detach().to(dtype) + module.effective_delta(param.detach(), self.weight, dtype)
+                if not torch.isfinite(new).all():
+                    raise FormatError(f"{self.file.path}: {name} gives non-finite weights; nothing was applied")
+                original = param.detach().clone()
+                param.copy_(new.to(param.dtype))
+                self._saved[name] = [param, original, param._version]
+                _STACKS.setdefault(param, []).append(self)
+        except BaseException:
+            self.remove()  # all or nothing
+            raise
         return self
 
     @torch.no_grad()
