@@ -79,30 +79,31 @@ def _from_folder(folder: Path, dtype: torch.dtype):
 
 
 def _check_safetensors(path: Path) -> dict:
-    """Read a safetensors header, raising ModelLoadError for a corrupt or truncated file."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ModelLoadError(f"{path} is not a safetensors file (too short)")
-        n = int.from_bytes(head, "little")
-        if n <= 0 or n > min(size - 8, 100_000_000):
-            raise ModelLoadError(f"{path} is not a valid safetensors file (bad header length)")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ModelLoadError(f"{path} is not a valid safetensors file (corrupt header)") from e
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        raise ModelLoadError(f"{path} is truncated: the header promises {8 + n + end} bytes, the file has {size}")
-    return header
+    """The safetensors header of ``path``; ModelLoadError for a corrupt, truncated or non-safetensors file (the
+    checks are ``sdtune.formats.reader.check_safetensors``'s, shared with adapter files)."""
+    from .formats.reader import FormatError, check_safetensors
+
+    try:
+        return check_safetensors(path)
+    except FormatError as e:
+        raise ModelLoadError(str(e)) from None
+
+
+def _pickle_keys(path: Path) -> set[str]:
+    """Tensor names of a pickle checkpoint (only reached with allow_pickle; loads the file once)."""
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises several types for a corrupt or non-weights pickle
+        raise ModelLoadError(f"could not read the pickle checkpoint {path}: {e}") from e
+    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else {}
+    return set(sd)
 
 
 def _from_single_file(path: Path, dtype: torch.dtype, config: str | Path | None):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    header = _check_safetensors(path)
-    is_xl = any(k.startswith("conditioner.embedders.1") for k in header)
+    keys = _pickle_keys(path) if path.suffix.lower() in PICKLE_SUFFIXES else _check_safetensors(path)
+    is_xl = any(k.startswith("conditioner.embedders.1") for k in keys)
     cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
     kwargs = {"dtype": dtype, "safety_checker": None}
     if config is not None:

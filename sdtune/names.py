@@ -17,6 +17,7 @@ Rules (../shared/LOADER-FACTS.md):
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 from torch import nn
 
@@ -47,10 +48,13 @@ def _resnet(prefix: str, rest: str | None, path: str) -> str:
     return f"{prefix}.{_RESNET_PARTS[head]}" + (f".{tail}" if tail else "")
 
 
-def ldm_unet_path(path: str, arch: str = "sdxl") -> str:
+def ldm_unet_path(path: str, arch: str = "sdxl", config: Mapping | None = None) -> str:
     """The LDM/SGM module path of a diffusers U-Net module path (e.g. down_blocks.1.attentions.0.proj_in ->
-    input_blocks.4.1.proj_in) for ``arch``'s published block structure."""
-    cfg = UNET_CONFIGS[arch]
+    input_blocks.4.1.proj_in) for ``arch``'s published block structure, or for the block structure of
+    ``config`` (a U-Net config with ``layers_per_block`` and ``up_block_types``, e.g. a live model's) when given."""
+    cfg = UNET_CONFIGS[arch] if config is None else config
+    if not isinstance(cfg["layers_per_block"], int):
+        raise ValueError(f"no LDM layout for per-block layers_per_block {cfg['layers_per_block']!r}")
     per = cfg["layers_per_block"] + 1          # resnets per up block; input_blocks per down block
     if path in _FIXED:
         return _FIXED[path]

@@ -145,16 +145,19 @@ def encode_dataset(vae, n: int, seed: int, batch: int = 256) -> tuple[torch.Tens
 
 
 def train_unet(latents: torch.Tensor, captions: list[str], tokenizer, steps: int, batch: int, seed: int,
-               lr: float = 1e-3, log_every: int = 200):
+               lr: float = 1e-3, log_every: int = 200, unet=None, te=None):
+    """Train the U-Net and text encoder jointly (from scratch, or on from ``unet``/``te``)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    unet = UNet2DConditionModel(**UNET_CONFIG)
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                      **TEXT_CONFIG))
+    unet = unet if unet is not None else UNet2DConditionModel(**UNET_CONFIG)
+    te = te if te is not None else CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **TEXT_CONFIG))
+    unet.requires_grad_(True)
+    te.requires_grad_(True)
     noise_sched = DDPMScheduler(**SCHEDULER_CONFIG)
     ids_all = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
                         return_tensors="pt").input_ids
@@ -224,6 +227,35 @@ def pretrain(out: str | Path, *, vae_steps: int = 800, unet_steps: int = 2500, n
     return out
 
 
+def continue_pretraining(folder: str | Path, *, unet_steps: int, lr: float = 5e-4, n_images: int = 20000,
+                         unet_batch: int = 64, seed: int = 1) -> Path:
+    """Train an existing pipeline's U-Net and text encoder for ``unet_steps`` more steps on fresh scenes
+    (data seed ``seed``), keeping the VAE and tokenizer; the stage is appended to PRETRAINING.json."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = Path(folder)
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, local_files_only=True)
+    latents, captions, _ = encode_dataset(pipe.vae, n_images, 1000 + seed)
+    unet, te = train_unet(latents * pipe.vae.config.scaling_factor, captions, pipe.tokenizer, unet_steps,
+                          unet_batch, 2000 + seed, lr=lr, unet=pipe.unet, te=pipe.text_encoder)
+    pipe.unet, pipe.text_encoder = unet, te
+    work = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    pipe.save_pretrained(work, safe_serialization=True)
+    record = json.loads((folder / "PRETRAINING.json").read_text())
+    record.setdefault("continued", []).append(dict(
+        unet_steps=unet_steps, lr=lr, n_images=n_images, unet_batch=unet_batch, seed=seed,
+        command=f"python -m sdtune.pretrain --continue-from {folder} --unet-steps {unet_steps} --lr {lr} "
+                f"--images {n_images} --seed {seed}"))
+    (work / "PRETRAINING.json").write_text(json.dumps(record, indent=2))
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    folder.rename(old)
+    work.rename(folder)
+    shutil.rmtree(old)
+    return folder
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description="Pretrain the embedded tiny Stable Diffusion on the toy world.")
     p.add_argument("--out", default="assets/tiny-sd")
@@ -231,9 +263,13 @@ def main() -> None:
     p.add_argument("--unet-steps", type=int, default=2500)
     p.add_argument("--images", type=int, default=20000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--continue-from", default=None, help="train an existing pipeline folder further (U-Net + TE)")
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate with --continue-from")
     a = p.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    pretrain(a.out, vae_steps=a.vae_steps, unet_steps=a.unet_steps, n_images=a.images, seed=a.seed)
+    if a.continue_from:
+        continue_pretraining(a.continue_from, unet_steps=a.unet_steps, lr=a.lr, n_images=a.images, seed=a.seed)
+    else:
+        pretrain(a.out, vae_steps=a.vae_steps, unet_steps=a.unet_steps, n_images=a.images, seed=a.seed)
 
 
 if __name__ == "__main__":

@@ -31,27 +31,31 @@ class FormatError(ValueError):
     """A file that is not a readable adapter file, or one that does not fit the model it is applied to."""
 
 
-def _check_safetensors(path: Path) -> None:
+def check_safetensors(path: Path) -> dict:
     """Refuse pickles, non-safetensors and truncated files with one clear message each, reading only the
-    header."""
+    header; returns the parsed header. (Also used by ``sdtune.models`` for single-file checkpoints.)"""
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise FormatError(f"{path}: {path.suffix} files are pickles and can run code when loaded; sdtune only "
                           f"reads .safetensors (convert the file with a tool you trust)")
     size = path.stat().st_size
+    pickled = FormatError(f"{path}: this is a pickled PyTorch file, not safetensors; sdtune never unpickles")
     with open(path, "rb") as f:
         head = f.read(8)
-        if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-            raise FormatError(f"{path}: this is a pickled PyTorch file, not safetensors; sdtune never unpickles")
+        # pickle / torch-zip magic, only where the bytes are no valid header length (a safetensors header length
+        # may itself start with 0x80)
+        is_pickle = head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"
         if len(head) < 8:
-            raise FormatError(f"{path}: not a safetensors file ({size} bytes, shorter than a header)")
+            raise pickled if is_pickle else FormatError(f"{path}: not a safetensors file ({size} bytes, shorter "
+                                                        f"than a header)")
         n = int.from_bytes(head, "little")
         if n > MAX_HEADER or 8 + n > size:
-            raise FormatError(f"{path}: not a safetensors file, or truncated (header length {n}, file {size} "
-                              f"bytes)")
+            raise pickled if is_pickle else FormatError(f"{path}: not a safetensors file, or truncated (header "
+                                                        f"length {n}, file {size} bytes)")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise FormatError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
+            raise pickled if is_pickle else FormatError(f"{path}: not a safetensors file (header is not JSON: "
+                                                        f"{e})") from None
     if not isinstance(header, dict):
         raise FormatError(f"{path}: not a safetensors file (header is not a JSON object)")
     try:
@@ -61,6 +65,7 @@ def _check_safetensors(path: Path) -> None:
     if 8 + n + end != size:
         raise FormatError(f"{path}: truncated or padded file: the header describes {end} bytes of tensor "
                           f"data, the file holds {size - 8 - n}")
+    return header
 
 
 @dataclass
@@ -184,7 +189,7 @@ def read_kohya(path, components: Mapping[str, nn.Module] | None = None, arch: st
     ``unmapped``.
     """
     path = Path(path)
-    _check_safetensors(path)
+    check_safetensors(path)
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})

@@ -1,0 +1,55 @@
+"""Quality and speed of the embedded base model, measured by the toy-world judge.
+
+    python bench/bench_embedded.py [--per-prompt 2] [--steps 20] [--guidance 5]
+
+For every shape × colour prompt ("a red star"), samples ``--per-prompt`` images with DPM-Solver++ and asks
+the judge whether it shows the prompted shape, colour, and both. Also times one 64 px image (batch 1).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from sdtune import judge as J
+from sdtune import toyworld as tw
+from sdtune.models import load
+from sdtune.sample import SampleRequest, generate
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--per-prompt", type=int, default=2)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--model", default=None)
+    a = p.parse_args()
+    model = load(a.model)
+    judge = J.load()
+    pairs = [(s, c) for s in tw.SHAPES for c in tw.COLOURS]
+    prompts = [f"a {c} {s}" for s, c in pairs]
+    t0 = time.perf_counter()
+    samples = generate(model, SampleRequest(prompts, seed=1000, steps=a.steps, guidance=a.guidance,
+                                            count=a.per_prompt), progress=True)
+    wall = time.perf_counter() - t0
+    verdicts = J.judge(judge, [s.image for s in samples])
+    expected = [pc for pc in pairs for _ in range(a.per_prompt)]
+    shape = sum(v.shape == e[0] for v, e in zip(verdicts, expected)) / len(samples)
+    colour = sum(v.colour == e[1] for v, e in zip(verdicts, expected)) / len(samples)
+    both = sum(v.shape == e[0] and v.colour == e[1] for v, e in zip(verdicts, expected)) / len(samples)
+    times = []
+    for i in range(5):
+        t = time.perf_counter()
+        generate(model, SampleRequest(["a red star"], seed=i, steps=a.steps, guidance=a.guidance), progress=False)
+        times.append(time.perf_counter() - t)
+    times.sort()
+    print(f"| samples | sampler | steps | guidance | shape | colour | shape+colour | s/image (batch 1, median of 5) |")
+    print(f"|---|---|---|---|---|---|---|---|")
+    print(f"| {len(samples)} ({len(prompts)} prompts × {a.per_prompt}) | DPM-Solver++ | {a.steps} | {a.guidance} | "
+          f"{shape:.1%} | {colour:.1%} | {both:.1%} | {times[2]:.3f} |")
+    print(f"(batched generation wall time {wall:.1f} s, torch threads {torch.get_num_threads()})")
+
+
+if __name__ == "__main__":
+    main()
