@@ -104,12 +104,165 @@ def _add_inspect(sub) -> None:
     p.set_defaults(func=cmd_inspect)
 
 
+# ------------------------------------------------------------------------------------------------ train
+
+def cmd_train(a) -> int:
+    from .config import describe, load_config
+    from .train import DiskSpaceError, TrainingDiverged, train
+
+    if a.describe:
+        print(describe())
+        return 0
+    if a.config is None:
+        raise ValueError("a config file is required (see train_configs/), or --describe for every key")
+    config = load_config(a.config, a.set)
+    try:
+        result = train(config, resume=a.resume, progress=not a.quiet)
+    except (TrainingDiverged, DiskSpaceError) as e:
+        print(f"sdtune train: error: {e}", file=sys.stderr)
+        return 3
+    if result.main_process:
+        print(f"{result.status} at step {result.step}/{result.total_steps}: {result.run_dir}"
+              + (f" (adapter {result.kohya})" if result.kohya else " (continue with --resume latest)"))
+    return 0
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train adapters (DreamBooth, prior preservation) from a TOML config")
+    p.add_argument("config", nargs="?", help="training config, e.g. train_configs/demo.toml")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, typed by the schema (repeatable), e.g. --set train.steps=50")
+    p.add_argument("--resume", default=None, metavar="latest|CHECKPOINT",
+                   help="continue from the newest checkpoint of the run folder, or from a checkpoint folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--describe", action="store_true", help="print every config key with its type, default and help")
+    p.set_defaults(func=cmd_train)
+
+
+# ------------------------------------------------------------------------------------------------ merge
+
+def _adapter_weight(text: str) -> tuple[str, float]:
+    """ADAPTER[:WEIGHT] -> (path, weight); a suffix that is not a number stays part of the path."""
+    path, sep, weight = text.rpartition(":")
+    if sep:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def cmd_merge(a) -> int:
+    from .formats.checkpoint import save_merged_checkpoint
+
+    model = _load_model(a)
+    adapters = [_adapter_weight(t) for t in a.adapters]
+    info = save_merged_checkpoint(model, adapters, a.out, dtype=a.dtype, diffusers_dir=a.diffusers_dir)
+    print(f"wrote {info['path']}: {info['tensors']} tensors, {info['merged_layers']} layers changed by "
+          f"{len(adapters)} adapter(s)" + (f"; diffusers folder {info['diffusers_dir']}" if a.diffusers_dir else ""))
+    return 0
+
+
+def _add_merge(sub) -> None:
+    p = sub.add_parser("merge", help="bake adapters into the base model: an A1111-layout single-file checkpoint")
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER[:WEIGHT]",
+                   help="A1111/kohya/LyCORIS .safetensors or native .sdtune adapter, optional strength (default 1)")
+    p.add_argument("-o", "--out", required=True, help="output .safetensors checkpoint")
+    p.add_argument("--diffusers-dir", default=None, help="also write the merged model as a diffusers folder")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp16")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_merge)
+
+
+# ------------------------------------------------------------------------------------------------ fuse
+
+def cmd_fuse(a) -> int:
+    from . import fusion
+
+    weights = [float(w) for w in a.weights.split(",")] if a.weights else None
+    prompts = [[q.strip() for q in p.split(";") if q.strip()] for p in a.prompts] if a.prompts else None
+    if prompts is not None and len(prompts) != len(a.adapters):
+        raise ValueError(f"--prompts: {len(prompts)} prompt sets for {len(a.adapters)} adapters (one per adapter, "
+                         f"';' between several prompts of one adapter)")
+    needs_model = a.model or a.merged_model or prompts or any(fusion.is_native(p) for p in a.adapters)
+    model = _load_model(a) if needs_model else None
+    components = model.components() if model else None
+    inputs = [fusion.load_input(p, components, model.arch if model else None) for p in a.adapters]
+    activations = None
+    if prompts:
+        names = sorted({n for i in inputs for n in i.parts})
+        activations = [fusion.capture_activations(model, ps, names, columns=a.columns, steps=a.capture_steps)
+                       for ps in prompts]
+    result = fusion.fuse(inputs, a.method, weights, rank=a.rank, sides=a.sides, mode=a.mode, energy=a.energy,
+                         ridge=a.ridge, activations=activations)
+    print(fusion.format_report(result, per_layer=not a.totals_only))
+    fusion.save_fused(result, a.out, dtype=DTYPES[a.dtype])
+    print(f"wrote {a.out}: {len(result.groups())} modules, rank {sum(r.rank for r in result.layers)} in total")
+    if a.merged_model:
+        fusion.merge_into(model, result)
+        model.pipeline.save_pretrained(a.merged_model, safe_serialization=True)
+        print(f"wrote the merged model (diffusers folder) to {a.merged_model}")
+    return 0
+
+
+def _add_fuse(sub) -> None:
+    p = sub.add_parser("fuse", help="fuse several adapters into one file, printing per-layer interference")
+    p.add_argument("adapters", nargs="+", help="A1111/kohya/LyCORIS .safetensors or native sdtune adapter files")
+    p.add_argument("--method", choices=("sum", "orthogonal", "regmean"), default="orthogonal",
+                   help="sum: weighted ΔW sum; orthogonal: keep each adapter off the others' dominant subspaces; "
+                        "regmean: least-squares ΔW reproducing each concept's outputs (default: orthogonal)")
+    p.add_argument("--weights", default=None, help="comma-separated strengths, one per adapter (default all 1)")
+    p.add_argument("-o", "--out", required=True, help="output .safetensors (A1111 LoRA/LoCon)")
+    p.add_argument("--rank", type=int, default=None, help="truncate each fused layer to this rank (error reported)")
+    p.add_argument("--sides", choices=("in", "out", "both"), default="in",
+                   help="orthogonal: protect input (row), output (column) or both subspaces")
+    p.add_argument("--mode", choices=("symmetric", "sequential"), default="symmetric",
+                   help="orthogonal: every adapter alike, or priority in the given order")
+    p.add_argument("--energy", type=float, default=1.0, help="orthogonal: share of ‖ΔW‖² whose subspace is protected")
+    p.add_argument("--ridge", type=float, default=0.1, help="regmean: ridge, relative to the mean Gram eigenvalue")
+    p.add_argument("--prompts", nargs="+", default=None, metavar="PROMPTS",
+                   help="one per adapter ('a;b' for several): measure interference (and feed regmean) on the "
+                        "activations these prompts produce in the base model, instead of random row-space inputs")
+    p.add_argument("--columns", type=int, default=256, help="activation columns kept per layer and concept")
+    p.add_argument("--capture-steps", type=int, default=4, help="denoising steps run to capture activations")
+    p.add_argument("--totals-only", action="store_true", help="print only the total interference")
+    p.add_argument("--merged-model", default=None, metavar="DIR",
+                   help="also write the base model with the fused ΔW merged in, as a diffusers folder")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp16")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_fuse)
+
+
+# ------------------------------------------------------------------------------------------------ ui
+
+def cmd_ui(a) -> int:
+    try:
+        from webui.app import launch
+    except ImportError as e:
+        raise ValueError(f"the web UI is not available ({e}); install sdtune with its webui package") from None
+
+    launch(host=a.host, port=a.port, workspace=a.workspace, share=a.share, model_source=a.model)
+    return 0
+
+
+def _add_ui(sub) -> None:
+    p = sub.add_parser("ui", help="the web app (Gradio): train, blend, sample and manage adapters in a browser")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default loopback only; anything else is reachable from the network)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--workspace", default="sdtune-workspace",
+                   help="folder for uploads, runs, samples and the adapter library; the UI reads nothing outside it")
+    p.add_argument("--model", default=None, help="base model: diffusers folder or .safetensors (default: embedded tiny-sd)")
+    p.add_argument("--share", action="store_true", help="also open a public Gradio share link (use with care)")
+    p.set_defaults(func=cmd_ui)
+
+
 # ------------------------------------------------------------------------------------------------ parser
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdtune", description="Parameter-efficient fine-tuning for Stable Diffusion.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_sample, _add_export, _add_inspect):
+    for add in (_add_sample, _add_export, _add_inspect, _add_train, _add_merge, _add_fuse, _add_ui):
         add(sub)
     return parser
 

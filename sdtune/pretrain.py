@@ -145,8 +145,15 @@ def encode_dataset(vae, n: int, seed: int, batch: int = 256) -> tuple[torch.Tens
 
 
 def train_unet(latents: torch.Tensor, captions: list[str], tokenizer, steps: int, batch: int, seed: int,
-               lr: float = 1e-3, log_every: int = 200, unet=None, te=None):
-    """Train the U-Net and text encoder jointly (from scratch, or on from ``unet``/``te``)."""
+               lr: float = 1e-3, log_every: int = 200, unet=None, te=None, snapshot=None, snapshot_every: int = 250):
+    """Train the U-Net and text encoder jointly (from scratch, or on from ``unet``/``te``).
+
+    Constant learning rate after a 100-step warm-up, and an exponential moving average of the weights
+    (decay min(0.999, (1+n)/(10+n))) that is what gets returned and snapshotted: the schedule does not depend
+    on ``steps``, so a run stopped at step n equals a run of n steps, and EMA weights sample well at any n.
+    ``snapshot(step, unet_ema, te_ema)`` is called every ``snapshot_every`` steps.
+    """
+    import copy
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -164,8 +171,11 @@ def train_unet(latents: torch.Tensor, captions: list[str], tokenizer, steps: int
     empty = tokenizer([""], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids[0]
     params = [*unet.parameters(), *te.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.03)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda n: min(1.0, (n + 1) / 100))
     acp = noise_sched.alphas_cumprod
+    unet_ema, te_ema = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
+    ema_pairs = [(e, p) for m_e, m in ((unet_ema, unet), (te_ema, te))
+                 for e, p in zip(m_e.parameters(), m.parameters())]
     unet.train()
     te.train()
     t0 = time.time()
@@ -190,40 +200,73 @@ def train_unet(latents: torch.Tensor, captions: list[str], tokenizer, steps: int
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in ema_pairs:
+                e.lerp_(p, 1 - decay)
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if step % log_every == 0 or step == steps:
             print(f"unet step {step}/{steps} loss(ema) {ema:.4f} ({time.time() - t0:.0f}s)", flush=True)
-    return unet.eval().requires_grad_(False), te.eval().requires_grad_(False)
+        if snapshot is not None and step % snapshot_every == 0:
+            snapshot(step, unet_ema.eval(), te_ema.eval())
+    return unet_ema.eval(), te_ema.eval()
+
+
+def _pipeline(vae, te, tokenizer, unet):
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    scheduler = DPMSolverMultistepScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k != "clip_sample"})
+    return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def _write(pipe, folder: Path, record: dict) -> None:
+    """Save a pipeline folder atomically (build beside it, then swap)."""
+    work = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    pipe.save_pretrained(work, safe_serialization=True)
+    (work / "PRETRAINING.json").write_text(json.dumps(record, indent=2))
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    work.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def pretrain(out: str | Path, *, vae_steps: int = 800, unet_steps: int = 2500, n_images: int = 20000,
-             vae_batch: int = 16, unet_batch: int = 64, seed: int = 0) -> Path:
-    """Run all stages and write a diffusers StableDiffusionPipeline folder to ``out`` (atomically)."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+             vae_batch: int = 16, unet_batch: int = 64, seed: int = 0, snapshot_every: int = 0) -> Path:
+    """Run all stages and write a diffusers StableDiffusionPipeline folder to ``out`` (atomically).
+
+    With ``snapshot_every``, the EMA pipeline at every multiple of it is also written to ``<out>.snapshot``
+    (its PRETRAINING.json names the step), so quality can be watched while training runs.
+    """
     from transformers import CLIPTokenizer
 
     out = Path(out)
-    work = out.with_name(out.name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)
-    build_tokenizer_files(work / "tokenizer", tw.vocabulary())
-    tokenizer = CLIPTokenizer.from_pretrained(work / "tokenizer")
+    tok_dir = out.with_name(out.name + ".tokenizer")
+    shutil.rmtree(tok_dir, ignore_errors=True)
+    build_tokenizer_files(tok_dir, tw.vocabulary())
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    shutil.rmtree(tok_dir)
     vae = train_vae(vae_steps, vae_batch, seed)
     latents, captions, scaling = encode_dataset(vae, n_images, seed + 1)
     vae.register_to_config(scaling_factor=scaling)
     print(f"latent scaling factor {scaling:.4f}", flush=True)
-    unet, te = train_unet(latents * scaling, captions, tokenizer, unet_steps, unet_batch, seed + 2)
-    scheduler = DPMSolverMultistepScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items()
-                                               if k != "clip_sample"})
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(work, safe_serialization=True)
-    (work / "PRETRAINING.json").write_text(json.dumps(dict(
-        vae_steps=vae_steps, unet_steps=unet_steps, n_images=n_images, vae_batch=vae_batch, unet_batch=unet_batch,
-        seed=seed, command=f"python -m sdtune.pretrain --out {out} --vae-steps {vae_steps} --unet-steps {unet_steps}"
-                           f" --images {n_images} --seed {seed}"), indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    work.rename(out)
+
+    def record(steps: int) -> dict:
+        return dict(vae_steps=vae_steps, unet_steps=steps, n_images=n_images, vae_batch=vae_batch,
+                    unet_batch=unet_batch, seed=seed,
+                    command=f"python -m sdtune.pretrain --out {out} --vae-steps {vae_steps} --unet-steps {steps}"
+                            f" --images {n_images} --seed {seed}")
+
+    def snapshot(step, unet, te):
+        _write(_pipeline(vae, te, tokenizer, unet), out.with_name(out.name + ".snapshot"), record(step))
+        print(f"snapshot at step {step}", flush=True)
+
+    unet, te = train_unet(latents * scaling, captions, tokenizer, unet_steps, unet_batch, seed + 2,
+                          snapshot=snapshot if snapshot_every else None, snapshot_every=snapshot_every or 1)
+    _write(_pipeline(vae, te, tokenizer, unet), out, record(unet_steps))
     return out
 
 
@@ -239,20 +282,12 @@ def continue_pretraining(folder: str | Path, *, unet_steps: int, lr: float = 5e-
     unet, te = train_unet(latents * pipe.vae.config.scaling_factor, captions, pipe.tokenizer, unet_steps,
                           unet_batch, 2000 + seed, lr=lr, unet=pipe.unet, te=pipe.text_encoder)
     pipe.unet, pipe.text_encoder = unet, te
-    work = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)
-    pipe.save_pretrained(work, safe_serialization=True)
     record = json.loads((folder / "PRETRAINING.json").read_text())
     record.setdefault("continued", []).append(dict(
         unet_steps=unet_steps, lr=lr, n_images=n_images, unet_batch=unet_batch, seed=seed,
         command=f"python -m sdtune.pretrain --continue-from {folder} --unet-steps {unet_steps} --lr {lr} "
                 f"--images {n_images} --seed {seed}"))
-    (work / "PRETRAINING.json").write_text(json.dumps(record, indent=2))
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    folder.rename(old)
-    work.rename(folder)
-    shutil.rmtree(old)
+    _write(pipe, folder, record)
     return folder
 
 
@@ -264,12 +299,14 @@ def main() -> None:
     p.add_argument("--images", type=int, default=20000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--continue-from", default=None, help="train an existing pipeline folder further (U-Net + TE)")
-    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate with --continue-from")
+    p.add_argument("--lr", type=float, default=5e-4, help="learning rate with --continue-from")
+    p.add_argument("--snapshot-every", type=int, default=0, help="write <out>.snapshot every N U-Net steps")
     a = p.parse_args()
     if a.continue_from:
         continue_pretraining(a.continue_from, unet_steps=a.unet_steps, lr=a.lr, n_images=a.images, seed=a.seed)
     else:
-        pretrain(a.out, vae_steps=a.vae_steps, unet_steps=a.unet_steps, n_images=a.images, seed=a.seed)
+        pretrain(a.out, vae_steps=a.vae_steps, unet_steps=a.unet_steps, n_images=a.images, seed=a.seed,
+                 snapshot_every=a.snapshot_every)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ SPECS = {
     "spectral_add": AdapterSpec("spectral", rank=2),
     "spectral_rot": AdapterSpec("spectral", rank=3, spectral_mode="rotational"),
     "spectral_add_slot1": AdapterSpec("spectral", rank=2, slot=1),
+    "locon_ortho": AdapterSpec("locon", rank=2, alpha=3.0, ortho_basis_seed=7, ortho_index=1),
 }
 
 CASES = [(a, l) for a in SPECS for l in LAYERS]
@@ -71,7 +72,9 @@ def closed_form_params(spec: AdapterSpec, layer: nn.Module) -> int:
     kh, kw = (w.shape[2], w.shape[3]) if w.dim() == 4 else (1, 1)
     kind = spec.dora_base if spec.algorithm == "dora" else spec.algorithm
     r = spec.rank
-    if kind == "locon":
+    if kind == "locon" and spec.ortho_basis_seed is not None:
+        n = r * out                                    # down is a frozen orthogonal buffer
+    elif kind == "locon":
         n = r * (out + inp) + r * r * kh * kw if (spec.tucker and kh * kw > 1) else r * (out + inp * kh * kw)
     elif kind == "flora":
         if w.dim() == 4:
@@ -94,6 +97,8 @@ def dense_reference(adapter) -> torch.Tensor:
     spec, lora = adapter.spec, adapter.lora
     W = adapter.base.weight.detach().double()
     P = {n.split(".")[-1]: p.detach().double() for n, p in adapter.trainable_named_parameters()}
+    if spec.ortho_basis_seed is not None:                 # frozen buffer, not a parameter
+        P["down"] = lora.down.detach().double()
     kind = spec.dora_base if spec.algorithm == "dora" else spec.algorithm
     if kind == "locon":
         up, down, s = P["up"], P["down"], lora.scale

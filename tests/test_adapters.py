@@ -278,6 +278,8 @@ def test_unbatched_conv_input():
     (dict(dora_axis="row"), "dora_axis"), (dict(algorithm="flora", flora_ranks=(1, 2, 3)), "flora_ranks"),
     (dict(path="fast"), "path"), (dict(slot=1), "slot"), (dict(algorithm="spectral", tucker=True), "tucker"),
     (dict(spectral_mode="spin"), "spectral_mode"), (dict(alpha=float("nan")), "alpha"),
+    (dict(algorithm="flora", ortho_basis_seed=0), "ortho_basis_seed"), (dict(ortho_index=1), "ortho_index"),
+    (dict(tucker=True, ortho_basis_seed=0), "ortho_basis_seed"),
 ])
 def test_bad_spec(kwargs, field):
     with pytest.raises(ValueError, match=f"AdapterSpec.{field}"):

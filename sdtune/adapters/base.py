@@ -39,6 +39,10 @@ class AdapterSpec:
         (PEFT/LyCORIS ≥ 3.2) channel.
     spectral_mode: "additive" | "rotational"; slot: Spectral trains singular columns [slot·r, (slot+1)·r).
     path: "auto" (cost rule) | "bypass" | "materialise".
+    ortho_basis_seed, ortho_index: orthogonal LoCon (Orthogonal Adaptation, Po et al. 2023). With a seed, LoCon's
+        ``down`` is frozen (not trained) to rows [k·r, (k+1)·r) (k = ortho_index) of one seeded random orthogonal
+        basis of R^{fan_in}; concepts trained with the same seed and different indices have mutually orthogonal
+        input subspaces, so their ΔW fuse by a plain sum (plain LoCon, not Tucker or DoRA).
     """
 
     algorithm: str = "locon"
@@ -53,6 +57,8 @@ class AdapterSpec:
     spectral_mode: str = "additive"
     slot: int = 0
     path: str = "auto"
+    ortho_basis_seed: int | None = None
+    ortho_index: int = 0
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> ValueError:
@@ -63,10 +69,13 @@ class AdapterSpec:
         for field, choices in _CHOICES.items():
             if getattr(self, field) not in choices:
                 raise bad(field, f"expected one of {choices}")
-        for field in ("rank", "slot"):
+        for field in ("rank", "slot", "ortho_index"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < (1 if field == "rank" else 0):
                 raise bad(field, "expected an integer >= " + ("1" if field == "rank" else "0"))
+        if self.ortho_basis_seed is not None and (not isinstance(self.ortho_basis_seed, int)
+                                                  or isinstance(self.ortho_basis_seed, bool)):
+            raise bad("ortho_basis_seed", "expected an integer or None")
         for field in ("rslora", "tucker"):
             if not isinstance(getattr(self, field), bool):
                 raise bad(field, "expected a bool")
@@ -97,6 +106,11 @@ class AdapterSpec:
             raise bad("flora_ranks", "only FLoRA uses per-mode ranks")
         if self.slot and self.algorithm != "spectral":
             raise bad("slot", "only Spectral uses slots")
+        if self.ortho_basis_seed is not None and (self.algorithm != "locon" or self.tucker):
+            raise bad("ortho_basis_seed", "the frozen orthogonal down-projection is a plain-LoCon option "
+                      "(algorithm='locon', tucker=False)")
+        if self.ortho_index and self.ortho_basis_seed is None:
+            raise bad("ortho_index", "needs ortho_basis_seed (the shared basis it indexes)")
 
     @property
     def lora_scale(self) -> float:

@@ -111,3 +111,24 @@ def dora_weight(weight: Tensor, delta: Tensor, magnitude: Tensor, axis: str, det
     if detach_norm:
         norm = norm.detach()
     return merged * (magnitude / norm)
+
+
+def orthogonal_basis_rows(dim: int, start: int, count: int, seed: int) -> Tensor:
+    """Rows [start, start+count) of one seeded random orthogonal basis of R^dim (float64, (count, dim)).
+
+    The basis is Gram–Schmidt (classical, applied twice: "twice is enough", orthogonal to ~1e-15) of Gaussian
+    rows g_0, g_1, … drawn one row per call from ``torch.Generator().manual_seed(seed)``. Row j depends only on
+    g_0 … g_j, so any two calls with the same (dim, seed) agree on every row both produce: concepts that take
+    disjoint row ranges of the same basis get exactly orthogonal subspaces (Orthogonal Adaptation, Po et al.
+    2023). Needs start + count ≤ dim.
+    """
+    if start < 0 or count < 1 or start + count > dim:
+        raise ValueError(f"orthogonal_basis_rows: rows [{start}, {start + count}) do not fit a basis of R^{dim}")
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.empty(start + count, dim, dtype=torch.float64)
+    for j in range(start + count):
+        v = torch.randn(dim, generator=g, dtype=torch.float64)
+        for _ in range(2):
+            v = v - rows[:j].T @ (rows[:j] @ v)
+        rows[j] = v / v.norm()
+    return rows[start:]

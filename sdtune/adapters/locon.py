@@ -4,6 +4,9 @@
 stride/padding/dilation; ``up`` is 1×1 (out, r). Tucker (k > 1): down (r, in) 1×1, mid (r, r, kh, kw) k×k,
 up (out, r) 1×1. ``up`` starts at zero, the others kaiming-uniform (a=√5, as LoRA's reference code), so ΔW = 0.
 Trainable parameters: r·(out + in·kh·kw) plain; r·(out + in) + r²·kh·kw Tucker.
+Orthogonal LoCon (``spec.ortho_basis_seed``): ``down`` is a frozen buffer, rows [k·r, (k+1)·r) of a seeded random
+orthogonal basis of R^{in·kh·kw} (``functional.orthogonal_basis_rows``) scaled by 1/√3, the row norm kaiming-uniform
+gives (variance 1/(3·fan_in) per entry), so training behaves as plain LoCon's; trainable parameters r·out.
 """
 from __future__ import annotations
 
@@ -23,6 +26,9 @@ def _kaiming(shape: tuple[int, ...], like: Tensor) -> nn.Parameter:
 
 
 def validate(info: LayerInfo, spec: AdapterSpec, name: str) -> None:
+    if spec.ortho_basis_seed is not None:
+        check_rank(name, f"orthogonal LoCon index {spec.ortho_index} needs (ortho_index+1)·rank =",
+                   (spec.ortho_index + 1) * spec.rank, info.fan_in)
     tucker = spec.tucker and info.spatial
     limit = min(info.out, info.inp) if tucker or not info.is_conv else min(info.out, info.fan_in)
     check_rank(name, "LoCon rank", spec.rank, limit)
@@ -37,6 +43,11 @@ class LoCon(LowRank):
         if self.tucker:
             self.down = _kaiming((r, info.inp), weight)
             self.mid = _kaiming((r, r, *info.kernel), weight)
+        elif spec.ortho_basis_seed is not None:
+            rows = Fn.orthogonal_basis_rows(info.fan_in, spec.ortho_index * r, r, spec.ortho_basis_seed)
+            self.register_buffer("down", (rows / math.sqrt(3)).reshape(r, *weight.shape[1:])
+                                 .to(device=weight.device, dtype=weight.dtype))
+            self.mid = None
         else:
             self.down = _kaiming((r, *weight.shape[1:]), weight)
             self.mid = None

@@ -1,0 +1,434 @@
+"""The DreamBooth trainer: one loop for every adapter algorithm (they differ only by their ``AdapterSpec``).
+
+    result = train(load_config("train_configs/demo.toml"))            # or: sdtune train train_configs/demo.toml
+
+``Trainer.setup`` loads the base model, checks the data, generates the class images (prior preservation), attaches
+the adapters and builds the optimizer; ``Trainer.run`` is the loop. Each optimizer step averages ``grad_accum``
+micro-batches; a micro-batch is ``batch_size`` instance images (plus as many class images) per process. The loss is
+the diffusion loss on the base scheduler's prediction type (ε or v), optionally min-SNR-γ weighted:
+    loss = mean_inst ‖f(z_t, t, c) − target‖² + prior_loss_weight · mean_class ‖…‖²
+Data order, crops and noise come from seeded generators whose state is checkpointed, so a resumed run repeats the
+uninterrupted run's losses exactly. Multi-process data parallel runs through ``accelerate launch``: each process
+takes its slice of the global batch and the adapter gradients are averaged before the step.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from .config import ConfigError, TrainConfig
+from .data import DreamBoothDataset, Encoder, class_dir_default, ensure_class_images, scan_instance_dir
+from .runlog import RunLog, atomic_text, plot_loss, read_log  # noqa: F401  (read_log: part of the API)
+
+EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or gradient) became NaN/inf; ``step`` is where, ``checkpoint`` the last good one (or None)."""
+
+    def __init__(self, message: str, step: int, checkpoint: Path | None):
+        super().__init__(message)
+        self.step, self.checkpoint = step, checkpoint
+
+
+class DiskSpaceError(OSError):
+    """Not enough free disk for the checkpoints and exports; raised before training starts."""
+
+
+@dataclass
+class TrainEvent:
+    """What the progress callback receives after every optimizer step."""
+
+    step: int
+    total_steps: int
+    loss: float
+    lr: float
+    preview: str | None = None
+    checkpoint: str | None = None
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    status: str  # "finished" | "cancelled"
+    step: int
+    total_steps: int
+    losses: list[float] = field(default_factory=list)  # this session's per-step losses (step start+1 …)
+    adapter: Path | None = None  # native adapter.sdtune
+    kohya: Path | None = None  # A1111 adapter.safetensors
+    checkpoint: Path | None = None
+    samples: list[Path] = field(default_factory=list)
+    main_process: bool = True  # False on the other processes of a multi-process run (they write nothing)
+
+
+def train(config: TrainConfig, resume: str | Path | None = None, progress: bool = True, *, callback=None,
+          cancel=None) -> TrainResult:
+    """Train adapters as ``config`` says. ``resume``: "latest" or a checkpoint folder. ``callback(TrainEvent)``
+    after every step; ``cancel`` (anything with ``is_set()``, e.g. threading.Event) stops after the current step
+    with a checkpoint."""
+    trainer = Trainer(config, progress=progress, callback=callback, cancel=cancel)
+    trainer.setup()
+    return trainer.run(resume)
+
+
+def _lr_lambda(kind: str, warmup: int, total: int):
+    def factor(step: int) -> float:  # step = optimizer steps done
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress_ = (step - warmup) / max(1, total - warmup)
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
+        if kind == "linear":
+            return max(0.0, 1 - progress_)
+        return 1.0
+    return factor
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, *, progress: bool = True, callback=None, cancel=None):
+        from accelerate import Accelerator
+
+        self.cfg, self.progress, self.callback, self.cancel = config, progress, callback, cancel
+        mixed = config.train.mixed_precision
+        if mixed != "no" and not torch.cuda.is_available():
+            warnings.warn(f"mixed_precision = {mixed!r} needs a GPU; training in fp32 on the CPU", stacklevel=2)
+            mixed = "no"
+        self.acc = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+        if self.acc.num_processes == 1 and os.environ.get("MASTER_ADDR") and "WORLD_SIZE" not in os.environ:
+            warnings.warn("started by `accelerate launch --cpu` without mpirun: this is ONE process. For CPU data "
+                          "parallel use `accelerate launch --multi_gpu --num_processes N` (torchrun, gloo)",
+                          stacklevel=2)
+        self.device = self.acc.device
+        self.run_dir = Path(config.output.dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+
+    # ------------------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        from diffusers import DDPMScheduler
+
+        from .inject import attach
+        from .models import load
+
+        cfg, acc = self.cfg, self.acc
+        self.model = load(cfg.model.path, device=self.device, allow_pickle=cfg.model.allow_pickle,
+                          config=cfg.model.single_file_config)
+        pipe = self.model.pipeline
+        latent = pipe.vae.config.latent_channels
+        if pipe.unet.config.in_channels != latent or pipe.unet.config.out_channels != latent:
+            raise ConfigError(f"{self.model.source}: the U-Net takes {pipe.unet.config.in_channels} channels, the VAE "
+                              f"makes {latent}: an inpainting/depth/other special model; train on a text-to-image base")
+        for module in self.model.components().values():
+            module.requires_grad_(False)
+        pipe.vae.requires_grad_(False)
+        self.resolution = cfg.data.resolution or self.model.resolution
+        instances = scan_instance_dir(cfg.data.instance_dir, self.resolution, prompt=cfg.data.instance_prompt,
+                                      caption_ext=cfg.data.caption_ext, skip_bad=cfg.data.skip_bad_images)
+        classes = None
+        if cfg.prior.enabled:
+            class_dir = Path(cfg.prior.class_dir or class_dir_default(self.run_dir, cfg.prior.class_prompt))
+            with acc.main_process_first():  # the main process generates, the others then read the cache
+                classes = ensure_class_images(self.model, class_dir, cfg.prior.class_prompt, cfg.prior.num_class_images,
+                                              resolution=self.resolution, steps=cfg.prior.sample_steps,
+                                              guidance=cfg.prior.guidance, seed=cfg.train.seed,
+                                              progress=self.progress and acc.is_main_process)
+        self.dataset = DreamBoothDataset(instances, classes, resolution=self.resolution, repeats=cfg.data.repeats,
+                                         crop=cfg.data.crop, flip=cfg.data.flip, seed=cfg.train.seed)
+
+        torch.manual_seed(cfg.train.seed)  # identical adapter init on every process
+        self.injection = attach(self.model.components(), cfg.rules(), self.model.arch,
+                                svd_cache_dir=cfg.model.svd_cache_dir or self.run_dir / "svd_cache")
+        self.text_trained = cfg.train.train_text_encoder
+        if cfg.train.gradient_checkpointing:
+            pipe.unet.enable_gradient_checkpointing()
+            if self.text_trained:
+                for key, enc in self.model.components().items():
+                    if key != "unet":
+                        enc.gradient_checkpointing_enable()
+        unet_params, text_params = [], []
+        for name, adapter in self.injection.adapters.items():
+            group = unet_params if self.injection.places[name].component == "unet" else text_params
+            group += [p for _, p in adapter.trainable_named_parameters() if p.requires_grad]
+        self.params = unet_params + text_params
+        groups = [{"params": unet_params, "lr": cfg.optim.lr_unet}]
+        if text_params:
+            groups.append({"params": text_params, "lr": cfg.optim.lr_text})
+        self.optimizer = acc.prepare(self._optimizer(groups))
+
+        per_step = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
+        self.total_steps = cfg.train.steps or math.ceil(cfg.train.epochs * len(self.dataset) / per_step)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer.optimizer, _lr_lambda(cfg.schedule.scheduler, cfg.schedule.warmup_steps, self.total_steps))
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.prediction = self.noise_scheduler.config.prediction_type
+        if self.prediction not in ("epsilon", "v_prediction"):
+            raise ConfigError(f"the base scheduler predicts {self.prediction!r}; sdtune trains epsilon or v_prediction")
+        self.noise_gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + acc.process_index)
+        self.encoder = Encoder(self.model, cache_latents=cfg.data.cache_latents and cfg.data.crop == "center",
+                               cache_text=not self.text_trained, device=self.device)
+        self._orders: dict[int, list[int]] = {}
+        if acc.is_main_process:
+            self._check_disk()
+
+    def _optimizer(self, groups) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        kwargs = dict(betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        if o.optimizer == "adamw8bit":
+            if self.device.type != "cuda":
+                warnings.warn("optim.optimizer = 'adamw8bit' needs bitsandbytes on a CUDA GPU; using AdamW (fp32 "
+                              "states) on this device", stacklevel=3)
+            else:
+                try:
+                    import bitsandbytes as bnb
+                except ImportError:
+                    raise ConfigError("optim.optimizer = 'adamw8bit' needs bitsandbytes: pip install bitsandbytes "
+                                      "(or choose 'adamw')") from None
+                return bnb.optim.AdamW8bit(groups, **kwargs)
+        return torch.optim.AdamW(groups, **kwargs)
+
+    def _check_disk(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        need = ckpt.bytes_needed(self.injection.num_params(), self.cfg.output.keep_checkpoints)
+        free = shutil.disk_usage(self.run_dir).free
+        if free < need:
+            raise DiskSpaceError(f"{self.run_dir}: {free / 1e6:.1f} MB free, checkpoints and exports need about "
+                                 f"{need / 1e6:.1f} MB (keep_checkpoints = {self.cfg.output.keep_checkpoints}): free "
+                                 f"space or lower output.keep_checkpoints")
+
+    # ------------------------------------------------------------------------------------------- data
+    def micro_batch(self, k: int) -> list:
+        """The views of global micro-batch ``k`` that this process trains on: instance views, then class views."""
+        n, b, p = len(self.dataset), self.cfg.train.batch_size, self.acc.num_processes
+        start = k * b * p + self.acc.process_index * b
+        items = []
+        for q in range(start, start + b):
+            epoch = q // n
+            if epoch not in self._orders:
+                self._orders = {epoch: self.dataset.order(epoch)}
+            items.append(self.dataset.item(self._orders[epoch][q % n], epoch))
+        return [it[0] for it in items] + [it[1] for it in items if len(it) > 1]
+
+    def loss(self, views) -> torch.Tensor:
+        """The training loss of one micro-batch (instance views first, then class views)."""
+        per = self.per_sample_loss(views, self.noise_gen)
+        b = self.cfg.train.batch_size
+        if len(per) == b:
+            return per.mean()
+        return per[:b].mean() + self.cfg.prior.prior_loss_weight * per[b:].mean()
+
+    @torch.no_grad()
+    def eval_loss(self, seed: int = 0, timesteps: tuple[int, ...] = (100, 300, 500, 700, 900)) -> float:
+        """Mean loss over every instance image (center crop) at fixed timesteps with fixed noise: comparable
+        before and after training, unlike the noisy per-step loss."""
+        views = [((ex.path, False), ex, False, None) for ex in self.dataset.instances]
+        g = torch.Generator().manual_seed(seed)
+        self._train_mode(False)
+        try:
+            per = [self.per_sample_loss(views, g, torch.full((len(views),), t)) for t in timesteps]
+        finally:
+            self._train_mode(True)
+        return float(torch.cat(per).mean())
+
+    def per_sample_loss(self, views, gen: torch.Generator, t: torch.Tensor | None = None) -> torch.Tensor:
+        """‖f(z_t, t, c) − target‖² per sample (min-SNR-γ weighted if set); noise and t drawn from ``gen``."""
+        cfg, sched = self.cfg.train, self.noise_scheduler
+        z0 = self.encoder.latents(views, self.dataset)
+        noise = torch.randn(z0.shape, generator=gen)
+        if cfg.noise_offset:
+            noise += cfg.noise_offset * torch.randn((*z0.shape[:2], 1, 1), generator=gen)
+        if t is None:
+            t = torch.randint(0, sched.config.num_train_timesteps, (len(z0),), generator=gen)
+        noise, t = noise.to(z0), t.to(self.device)
+        zt = sched.add_noise(z0, noise, t)
+        hidden, pooled = self.encoder.text([ex.caption for _, ex, _, _ in views])
+        extra = {}
+        if pooled is not None:  # SDXL micro-conditioning: original size, crop (0, 0), target size
+            r = self.resolution
+            extra["added_cond_kwargs"] = {"text_embeds": pooled,
+                                          "time_ids": torch.tensor([[r, r, 0, 0, r, r]] * len(z0)).to(hidden)}
+        with self.acc.autocast():
+            pred = self.model.pipeline.unet(zt, t, encoder_hidden_states=hidden, **extra).sample
+        target = noise if self.prediction == "epsilon" else sched.get_velocity(z0, noise, t)
+        per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if cfg.min_snr_gamma:
+            acp = sched.alphas_cumprod.to(self.device)[t]
+            snr = acp / (1 - acp)
+            per = per * snr.clamp(max=cfg.min_snr_gamma) / (snr if self.prediction == "epsilon" else snr + 1)
+        return per
+
+    # ------------------------------------------------------------------------------------------- loop
+    def run(self, resume: str | Path | None = None) -> TrainResult:
+        cfg, acc = self.cfg, self.acc
+        main = acc.is_main_process
+        start = self._resume(resume) if resume is not None else 0
+        if main:
+            ckpt.remove_partial(self.ckpt_dir)
+            atomic_text(self.run_dir / "config.toml", cfg.to_toml())
+        log = RunLog(self.run_dir / "log.csv", start) if main else None
+        result = TrainResult(self.run_dir, "finished", start, self.total_steps, main_process=main)
+        last_ckpt = ckpt.complete(self.ckpt_dir)[-1] if ckpt.complete(self.ckpt_dir) else None
+        self._train_mode(True)
+        bar = None
+        if self.progress and main:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=self.total_steps, initial=start, desc="training", unit="step", dynamic_ncols=True)
+        t0 = time.time()
+        try:
+            for step in range(start + 1, self.total_steps + 1):
+                loss_value, grad_norm = self.optimizer_step(step, last_ckpt)
+                lrs = self.lr_scheduler.get_last_lr()
+                result.losses.append(loss_value)
+                result.step = step
+                event = TrainEvent(step, self.total_steps, loss_value, lrs[0])
+                last = step == self.total_steps
+                if main:
+                    log.write(step, loss_value, lrs, grad_norm, time.time() - t0)
+                every = cfg.output.checkpoint_every
+                if last or (every and step % every == 0):
+                    last_ckpt = self._checkpoint(step)
+                    event.checkpoint = str(last_ckpt)
+                every = cfg.output.sample_every
+                if cfg.output.validation_prompts and (last or (every and step % every == 0)) and main:
+                    event.preview = str(self.preview(step))
+                    result.samples.append(Path(event.preview))
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lrs[0]:.2e}")
+                    bar.update(1)
+                if self.callback is not None and main:
+                    self.callback(event)
+                if self.cancel is not None and self._cancelled() and not last:
+                    if event.checkpoint is None:
+                        last_ckpt = self._checkpoint(step)
+                    result.status = "cancelled"
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+            if log is not None:
+                log.close()
+        result.checkpoint = last_ckpt
+        if result.status == "finished":
+            result.adapter, result.kohya = self.export() if main else (self.run_dir / "adapter.sdtune",
+                                                                       self.run_dir / "adapter.safetensors")
+        acc.wait_for_everyone()
+        return result
+
+    def optimizer_step(self, step: int, last_ckpt: Path | None) -> tuple[float, float]:
+        """Accumulate ``grad_accum`` micro-batches, average over processes, clip, check, step. -> (loss, grad norm)."""
+        accum, acc = self.cfg.train.grad_accum, self.acc
+        loss_sum = 0.0
+        for micro in range(accum):
+            loss = self.loss(self.micro_batch((step - 1) * accum + micro))
+            acc.backward(loss / accum)
+            loss_sum += loss.detach().float()
+        loss_value = float(acc.reduce(loss_sum / accum, reduction="mean"))
+        self._average_gradients()
+        grad_norm = float(acc.clip_grad_norm_(self.params, self.cfg.optim.grad_clip or float("inf")))
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            self._diverged(step, loss_value, grad_norm, last_ckpt)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value, grad_norm
+
+    def _average_gradients(self) -> None:
+        """Data parallel: average the adapter gradients over the processes (one all-reduce of a flat buffer)."""
+        if self.acc.num_processes == 1:
+            return
+        params = [p for p in self.params if p.grad is not None]
+        flat = self.acc.reduce(torch.cat([p.grad.flatten() for p in params]), reduction="mean")
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad.copy_(g.view_as(p.grad))
+
+    def _diverged(self, step: int, loss: float, grad_norm: float, last_ckpt: Path | None) -> None:
+        what = f"loss = {loss}" if not math.isfinite(loss) else f"gradient norm = {grad_norm}"
+        where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written before it"
+        o = self.cfg.optim
+        raise TrainingDiverged(
+            f"training diverged at step {step}: {what}. Stopped without saving; {where}. Lower the learning rate "
+            f"(optim.lr_unet = {o.lr_unet:g}, try {o.lr_unet / 10:g}) and keep optim.grad_clip on.", step, last_ckpt)
+
+    def _train_mode(self, on: bool) -> None:
+        for key, module in self.model.components().items():
+            module.train(on and (key == "unet" or self.text_trained))
+
+    # ------------------------------------------------------------------------------------------- outputs
+    def _state(self, step: int) -> dict:
+        return {"step": step, "samples_seen": step * self.cfg.train.grad_accum * self.cfg.train.batch_size
+                * self.acc.num_processes, "total_steps": self.total_steps,
+                "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+                "rng": ckpt.rng_state(self.noise_gen), "config": self.cfg.to_toml(),
+                "num_processes": self.acc.num_processes}
+
+    def _checkpoint(self, step: int) -> Path:
+        """Save checkpoint ``step`` (main process) and redraw loss.png; every process waits for it."""
+        if self.acc.is_main_process:
+            ckpt.save(self.ckpt_dir, step, self.injection, self._state(step), self.cfg.output.keep_checkpoints)
+            plot_loss(self.run_dir / "log.csv", self.run_dir / "loss.png")
+        self.acc.wait_for_everyone()
+        return self.ckpt_dir / f"{ckpt.PREFIX}{step:06d}"
+
+    def _cancelled(self) -> bool:
+        """The cancel flag, agreed by all processes (any process's flag stops them all)."""
+        flag = torch.tensor([float(self.cancel.is_set())], device=self.device)
+        return bool(self.acc.reduce(flag, reduction="sum").item() > 0)
+
+    def _resume(self, resume: str | Path) -> int:
+        path = ckpt.resolve(resume, self.ckpt_dir)
+        state, tensors = ckpt.load(path)
+        if state["num_processes"] != self.acc.num_processes:
+            warnings.warn(f"{path} was written by {state['num_processes']} process(es), this run has "
+                          f"{self.acc.num_processes}: the data order changes from here on", stacklevel=3)
+        if state["config"] != self.cfg.to_toml():
+            warnings.warn(f"the config differs from the one {path} was trained with; continuing with the new one",
+                          stacklevel=3)
+        self.injection.load_state_dict(tensors, strict=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        ckpt.set_rng_state(state["rng"], self.noise_gen)
+        if self.acc.process_index:  # each process has its own noise stream; offset it as at the start
+            self.noise_gen.manual_seed(self.cfg.train.seed * 7919 + self.acc.process_index + 104729 * state["step"])
+        if state["step"] >= self.total_steps:
+            warnings.warn(f"{path} is at step {state['step']}, the run has {self.total_steps} steps: nothing to train",
+                          stacklevel=3)
+        return int(state["step"])
+
+    @torch.no_grad()
+    def preview(self, step: int) -> Path:
+        """A grid of the validation prompts (one row each) from the live model with its adapters."""
+        from .sample import SampleRequest, generate, grid
+
+        o = self.cfg.output
+        self._train_mode(False)
+        try:
+            req = SampleRequest(prompts=list(o.validation_prompts), seed=o.sample_seed, steps=o.sample_steps,
+                                guidance=o.sample_guidance, count=o.sample_count, size=self.resolution)
+            samples = generate(self.model, req, progress=False)
+        finally:
+            self._train_mode(True)
+        path = self.run_dir / "samples" / f"step-{step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid([s.image for s in samples], columns=o.sample_count).save(path)
+        return path
+
+    def export(self) -> tuple[Path, Path]:
+        """The final adapter: native ``adapter.sdtune`` and the A1111 ``adapter.safetensors``."""
+        from .formats.kohya import save_kohya
+
+        o = self.cfg.output
+        native, kohya = self.run_dir / "adapter.sdtune", self.run_dir / "adapter.safetensors"
+        self.injection.save(native)
+        save_kohya(self.injection, kohya, dtype=EXPORT_DTYPES[o.export_dtype], resolution=self.resolution,
+                   output_name=o.name or self.run_dir.name, comment=f"sdtune train, {self.total_steps} steps",
+                   metadata={"ss_steps": str(self.total_steps), "ss_seed": str(self.cfg.train.seed),
+                             "ss_learning_rate": str(self.cfg.optim.lr_unet),
+                             "ss_num_train_images": str(len(self.dataset))})
+        return native, kohya

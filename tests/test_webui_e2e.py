@@ -1,0 +1,161 @@
+"""The web app end to end in a real headless Chromium (Debian's ``chromium`` + Playwright's Python client).
+
+Trains two toy-world concepts on the embedded model (one from uploaded images, one from a workspace folder), sees
+the loss plot and a preview, imports an adapter, blends two, samples with the blend and checks the files on disk.
+A screenshot of each tab goes to docs/screenshots/ (or $SDTUNE_SCREENSHOTS). About a minute on 2 CPU cores.
+
+Needs:  apt-get install -y chromium && pip install playwright      (never `playwright install`)
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sdtune import toyworld as tw
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+INSTALL = "apt-get update && apt-get install -y chromium && pip install playwright"
+SHOTS = Path(os.environ.get("SDTUNE_SCREENSHOTS", Path(__file__).resolve().parent.parent / "docs" / "screenshots"))
+WAIT = 120_000  # ms: one training on a busy 2-core machine
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing; the web UI test needs Debian's chromium: {INSTALL}")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail(f"the Playwright Python client is missing: {INSTALL}")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from webui.app import launch
+
+    ws = tmp_path_factory.mktemp("ws")
+    tw.write_instance_folder("ohwx", ws / "datasets" / "ohwx", n=3)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = launch(port=port, workspace=ws, block=False)
+    yield f"http://127.0.0.1:{port}", ws
+    app.close()
+
+
+def expect(page, selector: str, text: str | None = None, timeout_ms: int = WAIT, count: int = 1) -> None:
+    """Wait until ``count`` elements match ``selector`` (showing ``text``); fail at once with its message if the app
+    shows an error toast."""
+    target, errors = page.locator(selector, has_text=text), page.locator(".toast-body.error")
+    deadline = time.monotonic() + timeout_ms / 1000
+    while target.count() < count:
+        if errors.count():
+            pytest.fail(f"the app showed an error while waiting for {text!r}: {errors.first.inner_text()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{selector} did not show {text!r} within {timeout_ms / 1000:.0f} s")
+        page.wait_for_timeout(250)
+
+
+def pick(page, combobox: str, option: str) -> None:
+    """Choose ``option`` in a Gradio dropdown (single or multi-select)."""
+    box = page.locator(f"{combobox} input").first
+    box.fill(option)  # filters and opens the list (a click would toggle it)
+    page.get_by_role("option", name=option, exact=True).click()
+    box.press("Escape")
+    page.locator("h2").first.click()  # close the list (for the screenshots)
+
+
+def set_text(page, field: str, text: str) -> None:
+    page.locator(f"{field} textarea, {field} input").first.fill(str(text))
+
+
+def train(page, name: str, prompt: str, steps: int) -> None:
+    set_text(page, "#train-name", name)
+    set_text(page, "#train-prompt", prompt)
+    set_text(page, "#train-steps", steps)
+    page.locator("#train-start").click()
+    expect(page, "#train-progress", f"finished {steps} steps: library/{name}.safetensors")
+
+
+def test_train_blend_sample_in_a_browser(browser, server, tmp_path):
+    url, ws = server
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.set_default_timeout(30_000)
+    page.goto(url)
+
+    # Train 1: uploaded toy-world images
+    images = tw.write_instance_folder("sks", tmp_path / "sks", n=3)
+    page.locator("#train-images input[type=file]").set_input_files(images)
+    expect(page, "#train-images", "sks_002", 30_000)  # shown as "sks_002" ".png"
+    train(page, "sks", "a sks star", 4)
+    assert page.locator("#loss-plot canvas, #loss-plot svg").count() > 0  # vega drew the loss curve
+    src = page.locator("#train-preview img").get_attribute("src")
+    assert src and "step-000004" in src
+    assert page.locator("#train-preview img").evaluate("i => i.complete && i.naturalWidth") > 0
+    page.screenshot(path=str(SHOTS / "train.png"), full_page=True)
+
+    # Train 2: a folder inside the workspace (the uploads are cleared by a reload)
+    page.reload()
+    pick(page, "#train-folder", "datasets/ohwx")
+    train(page, "ohwx", "a ohwx circle", 3)
+
+    # Library: import an adapter by upload, inspect it
+    page.get_by_role("tab", name="Library").click()
+    page.locator("#library-upload input[type=file]").set_input_files(str(ws / "runs" / "sks" / "adapter.safetensors"))
+    expect(page, "#library-status", "imported adapter.safetensors")
+    pick(page, "#library-pick", "sks.safetensors")
+    expect(page, "#library-details", "architecture")
+    for name in ("adapter.safetensors", "ohwx.safetensors", "sks.safetensors"):
+        assert page.locator("#library-table", has_text=name).count() == 1
+    page.screenshot(path=str(SHOTS / "library.png"), full_page=True)
+
+    # Blend the two trained adapters, with a merged checkpoint
+    page.get_by_role("tab", name="Blend").click()
+    pick(page, "#blend-adapters", "sks.safetensors")
+    pick(page, "#blend-adapters", "ohwx.safetensors")
+    page.get_by_label("also write a merged checkpoint (base + blend)").check()
+    page.locator("#blend-run").click()
+    expect(page, "#blend-files", "blend-merged")  # shown as "blend-merged" ".safetensors"
+    assert page.locator("#blend-totals", has_text="ohwx.safetensors").count() == 1
+    page.screenshot(path=str(SHOTS / "blend.png"), full_page=True)
+
+    # Sample with the blend
+    page.get_by_role("tab", name="Sample").click()
+    set_text(page, "#sample-prompt", "a sks star\na ohwx circle")
+    pick(page, "#sample-adapters", "blend.safetensors")
+    page.locator("#sample-steps input[type=number]").fill("8")
+    page.locator("#sample-count input[type=number]").fill("2")
+    page.locator("#sample-run").click()
+    expect(page, "#sample-gallery img", count=4)
+    assert page.locator("#sample-gallery img").count() == 4
+    page.screenshot(path=str(SHOTS / "sample.png"), full_page=True)
+
+    # what the browser showed is on disk
+    lib = ws / "library"
+    assert {p.name for p in lib.glob("*.safetensors")} == {"sks.safetensors", "ohwx.safetensors",
+                                                          "adapter.safetensors", "blend.safetensors"}
+    assert (ws / "merged" / "blend-merged.safetensors").stat().st_size > 0
+    assert (ws / "runs" / "sks" / "samples" / "step-000004.png").is_file()
+    (folder,) = (ws / "samples").iterdir()
+    pngs = sorted(folder.glob("0*.png"))
+    assert len(pngs) == 4
+    meta = json.loads(Image.open(pngs[2]).text["sdtune"])
+    assert meta["prompt"] == "a ohwx circle" and meta["seed"] == 0 and meta["steps"] == 8
+    assert meta["adapters"] == [{"file": "blend.safetensors", "weight": 1.0}]
+    assert re.search(r"Seed: 0", Image.open(pngs[0]).text["parameters"])
+    for tab in ("train", "blend", "sample", "library"):
+        assert (SHOTS / f"{tab}.png").stat().st_size > 10_000
