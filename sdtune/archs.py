@@ -55,6 +55,18 @@ TEXT_ENCODER_CONFIGS: dict[str, list[tuple[str, dict, bool]]] = {
 }
 
 
+def detect_arch(unet: torch.nn.Module, text_encoders: dict[str, torch.nn.Module]) -> str:
+    """SD1.x, SD2.x or SDXL from the U-Net and text-encoder configs (not from file names)."""
+    cfg = unet.config
+    if "text_encoder_2" in text_encoders or getattr(cfg, "addition_embed_type", None) == "text_time":
+        return "sdxl"
+    te = text_encoders.get("text_encoder")
+    hidden_act = getattr(getattr(te, "config", None), "hidden_act", "quick_gelu")
+    if cfg.cross_attention_dim == 1024 or hidden_act == "gelu":
+        return "sd2"
+    return "sd1"
+
+
 @dataclass
 class RandomModel:
     """A real-architecture U-Net plus text encoder(s) with random weights."""

@@ -20,6 +20,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle .ckpt/.pt (runs code: trusted files only)")
 
 
+def _adapter_weight(text: str) -> tuple[str, float]:
+    """ADAPTER[:WEIGHT] -> (path, weight); a suffix that is not a number stays part of the path."""
+    path, sep, weight = text.rpartition(":")
+    if sep:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
 def _load_model(a):
     from .models import load
 
@@ -32,7 +43,7 @@ def cmd_sample(a) -> int:
     from .sample import SampleRequest, generate, save_samples
 
     request = SampleRequest(prompts=a.prompts, negative_prompt=a.negative, seed=a.seed, steps=a.steps,
-                            guidance=a.guidance, size=a.size, count=a.n)
+                            guidance=a.guidance, size=a.size, count=a.n, adapters=a.adapter)
     model = _load_model(a)
     samples = generate(model, request)
     written = save_samples(samples, request, a.out, model.source)
@@ -50,6 +61,8 @@ def _add_sample(sub) -> None:
     p.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
     p.add_argument("-n", type=int, default=4, help="images per prompt")
     p.add_argument("-o", "--out", default="outputs/samples", help="output folder")
+    p.add_argument("--adapter", action="append", default=[], type=_adapter_weight, metavar="FILE[:WEIGHT]",
+                   help="apply an A1111/kohya/LyCORIS .safetensors adapter at WEIGHT (default 1); repeatable")
     _add_model_args(p)
     p.set_defaults(func=cmd_sample)
 
@@ -140,17 +153,6 @@ def _add_train(sub) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ merge
-
-def _adapter_weight(text: str) -> tuple[str, float]:
-    """ADAPTER[:WEIGHT] -> (path, weight); a suffix that is not a number stays part of the path."""
-    path, sep, weight = text.rpartition(":")
-    if sep:
-        try:
-            return path, float(weight)
-        except ValueError:
-            pass
-    return text, 1.0
-
 
 def cmd_merge(a) -> int:
     from .formats.checkpoint import save_merged_checkpoint

@@ -117,6 +117,9 @@ class AdapterRule:
     spectral_mode: str = f("additive", "Spectral: additive | rotational")
     slot: int = f(0, "Spectral: train singular columns [slot·rank, (slot+1)·rank) (disjoint slots fuse cleanly)")
     path: str = f("auto", "auto | bypass | materialise (forward path; auto = cost rule)")
+    ortho_basis_seed: int | None = f(None, "LoCon: freeze `down` to rows of a seeded orthogonal basis shared by "
+                                           "concepts (Orthogonal Adaptation); unset = trained down")
+    ortho_index: int = f(0, "LoCon with ortho_basis_seed: this concept's block of basis rows (one index per concept)")
 
     def __post_init__(self) -> None:
         from .inject import PRESETS

@@ -10,7 +10,6 @@ random choices come from a generator seeded by (seed, epoch, index), so a resume
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from .atomic import atomic_path
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -112,9 +113,8 @@ def ensure_class_images(model, folder: str | Path, prompt: str, n: int, *, resol
             req = SampleRequest(prompts=[prompt], seed=seed + run[0], count=len(run), steps=steps, guidance=guidance,
                                 size=resolution)
             for i, sample in zip(run, generate(model, req, progress=False)):
-                tmp = folder / f".class_{i:05d}.png.tmp"
-                sample.image.save(tmp, format="PNG")
-                os.replace(tmp, folder / f"class_{i:05d}.png")
+                with atomic_path(folder / f"class_{i:05d}.png") as tmp:
+                    sample.image.save(tmp, format="PNG")
             bar.update(len(run))
         bar.close()
     return [Example(str(folder / f"class_{i:05d}.png"), prompt) for i in range(n)]

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from . import fusion_math as fm
 from .formats import rebuild
-from .formats.reader import FormatError, read_kohya, target_layer
+from .formats.reader import read_kohya, target_layer
 
 METHODS = ("sum", "orthogonal", "regmean")
 _BASE_KEYS = ("ss_new_sd_model_hash", "ss_sd_model_hash", "ss_sd_model_name")

@@ -14,8 +14,6 @@ same module, so per-target overrides are one table:
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +29,10 @@ from diffusers.models.upsampling import Upsample2D
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from transformers.models.clip.modeling_clip import CLIPAttention, CLIPMLP
+from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention
 
 from .adapters import Adapter, AdapterSpec, build_adapter, validate_layer
+from .atomic import atomic_path
 from .names import kohya_name
 
 PRESETS = ("attn", "resnet", "sample", "te")
@@ -205,15 +204,8 @@ class Injection:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
         metadata = {"sdtune_format": FORMAT, "sdtune_arch": self.arch,
                     "sdtune_rules": json.dumps([[preset, spec.to_dict()] for preset, spec in self.rules])}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
 
     @staticmethod
     def specs_from_file(path: str | Path) -> tuple[str, list[tuple[str, AdapterSpec]]]:

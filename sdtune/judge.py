@@ -21,6 +21,7 @@ from PIL import Image, ImageFilter
 from torch import nn
 
 from . import toyworld as tw
+from .atomic import atomic_path
 
 IGNORE = -100
 HEADS: dict[str, tuple[str | None, ...]] = {
@@ -170,11 +171,8 @@ def train(steps: int = 3000, batch: int = 64, seed: int = 0, out: str | Path = D
             print(f"judge step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
     acc = accuracy(model)
     print("held-out accuracy:", {k: round(v, 4) for k, v in acc.items()}, flush=True)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     return acc
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .archs import detect_arch
+
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # SDTUNE_EMBEDDED points the default at another folder (e.g. a micro model while assets/tiny-sd is rebuilt).
 EMBEDDED = Path(os.environ.get("SDTUNE_EMBEDDED", ASSETS / "tiny-sd"))
@@ -45,18 +47,6 @@ class BaseModel:
     def resolution(self) -> int:
         unet = self.pipeline.unet
         return int(unet.config.sample_size) * int(self.pipeline.vae_scale_factor)
-
-
-def detect_arch(unet: nn.Module, text_encoders: dict[str, nn.Module]) -> str:
-    """SD1.x, SD2.x or SDXL from the U-Net and text-encoder configs (not from file names)."""
-    cfg = unet.config
-    if "text_encoder_2" in text_encoders or getattr(cfg, "addition_embed_type", None) == "text_time":
-        return "sdxl"
-    te = text_encoders.get("text_encoder")
-    hidden_act = getattr(getattr(te, "config", None), "hidden_act", "quick_gelu")
-    if cfg.cross_attention_dim == 1024 or hidden_act == "gelu":
-        return "sd2"
-    return "sd1"
 
 
 def _pipeline_class(folder: Path):

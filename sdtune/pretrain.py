@@ -154,6 +154,7 @@ def train_unet(latents: torch.Tensor, captions: list[str], tokenizer, steps: int
     ``snapshot(step, unet_ema, te_ema)`` is called every ``snapshot_every`` steps.
     """
     import copy
+
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
+
+from .atomic import atomic_path
 
 LOG_FIELDS = ("step", "loss", "lr_unet", "lr_text", "grad_norm", "seconds")
 
@@ -69,14 +70,6 @@ def plot_loss(log_path: Path, png: Path) -> None:
     ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, png)
-
-
-def atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,7 @@ class SampleRequest:
     guidance: float = 5.0
     size: int | None = None  # None: the model's native resolution
     count: int = 1
-    adapters: list[tuple[str, float]] = field(default_factory=list)  # (file, weight), recorded in metadata
+    adapters: list[tuple[str, float]] = field(default_factory=list)  # (A1111/kohya file, weight), applied while sampling
 
     def __post_init__(self) -> None:
         if not self.prompts or any(not isinstance(p, str) for p in self.prompts):
@@ -40,12 +41,22 @@ class Sample:
     seed: int
 
 
-@torch.no_grad()
 def generate(model, request: SampleRequest, *, progress: bool = True) -> list[Sample]:
-    """Run the pipeline of a loaded :class:`sdtune.models.BaseModel` for every prompt × count.
+    """Run the pipeline of a loaded :class:`sdtune.models.BaseModel` for every prompt × count, with
+    ``request.adapters`` added into the weights for the duration (and removed exactly afterwards).
 
     Each image has its own generator seeded ``seed + i`` so any single image can be reproduced alone.
     """
+    from .formats.reader import apply_file
+
+    with ExitStack() as applied:
+        for path, weight in request.adapters:
+            applied.enter_context(apply_file(model.components(), model.arch, path, weight))
+        return _generate(model, request, progress)
+
+
+@torch.no_grad()
+def _generate(model, request: SampleRequest, progress: bool) -> list[Sample]:
     pipe = model.pipeline
     size = request.size or model.resolution
     device = pipe.unet.device

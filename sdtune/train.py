@@ -24,10 +24,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint as ckpt
+from . import train_state as ckpt
+from .atomic import write_text as atomic_text
 from .config import ConfigError, TrainConfig
-from .data import DreamBoothDataset, Encoder, class_dir_default, ensure_class_images, scan_instance_dir
-from .runlog import RunLog, atomic_text, plot_loss, read_log  # noqa: F401  (read_log: part of the API)
+from .data import (
+    DreamBoothDataset,
+    Encoder,
+    class_dir_default,
+    ensure_class_images,
+    scan_instance_dir,
+)
+from .runlog import RunLog, plot_loss, read_log  # noqa: F401  (read_log: part of the API)
 
 EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 

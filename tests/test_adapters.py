@@ -10,10 +10,20 @@ import math
 
 import pytest
 import torch
+from helpers_adapters import (
+    CASE_IDS,
+    CASES,
+    SPECS,
+    closed_form_params,
+    dense_reference,
+    kohya_rebuild,
+    make_layer,
+    perturb,
+    rel,
+    with_path,
+)
 from torch import nn
 
-from helpers_adapters import (CASE_IDS, CASES, LAYERS, SPECS, closed_form_params, dense_reference, kohya_rebuild,
-                              make_layer, perturb, rel, with_path)
 from sdtune.adapters import Adapter, AdapterSpec, choose_path, make_adapter
 from sdtune.adapters import functional as Fn
 from sdtune.adapters.spectral import top_singular

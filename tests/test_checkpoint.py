@@ -8,7 +8,11 @@ from safetensors.torch import load_file
 
 from sdtune import archs
 from sdtune.adapters import AdapterSpec
-from sdtune.formats.checkpoint import components_to_ldm, save_merged_checkpoint, to_ldm_state_dict
+from sdtune.formats.checkpoint import (
+    components_to_ldm,
+    save_merged_checkpoint,
+    to_ldm_state_dict,
+)
 from sdtune.formats.kohya import save_kohya
 from sdtune.inject import attach
 from sdtune.models import EMBEDDED, ModelLoadError, load

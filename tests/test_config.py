@@ -6,7 +6,14 @@ from pathlib import Path
 import pytest
 
 from sdtune.adapters import AdapterSpec
-from sdtune.config import ConfigError, TrainConfig, apply_override, describe, load_config, loads_config
+from sdtune.config import (
+    ConfigError,
+    TrainConfig,
+    apply_override,
+    describe,
+    load_config,
+    loads_config,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = """

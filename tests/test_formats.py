@@ -13,13 +13,12 @@ import zlib
 import pytest
 import safetensors.torch
 import torch
+from helpers_formats import layers, rand, tiny_components, tiny_unet
 from torch import nn
 
 from sdtune.formats import FormatError, read_kohya, rebuild, save_kohya
 from sdtune.formats import metadata as md_
 from sdtune.formats.kohya import AppliedFile
-
-from helpers_formats import layers, rand, tiny_components, tiny_unet
 
 # ------------------------------------------------------------------------------------------------ rebuild
 

@@ -13,9 +13,9 @@ import types
 
 import pytest
 import torch
-
 from helpers_adapters import perturb
 from helpers_formats import tiny_components
+
 from sdtune import fusion
 from sdtune import fusion_math as fm
 from sdtune.adapters import AdapterSpec
@@ -278,7 +278,8 @@ def test_cli_writes_the_fused_file(pair, tmp_path, capsys):
 
 # --- activations on a real pipeline -----------------------------------------------------------------------
 def test_capture_activations_and_fuse_on_them(tmp_path):
-    from sdtune.models import ModelLoadError, load as load_model
+    from sdtune.models import ModelLoadError
+    from sdtune.models import load as load_model
 
     try:
         model = load_model()

@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
+from helpers_adapters import perturb, rel, tiny_components, tiny_outputs
 from safetensors import safe_open
 
-from helpers_adapters import perturb, rel, tiny_components, tiny_outputs
 from sdtune.adapters import Adapter, AdapterSpec
 from sdtune.inject import Injection, attach, preset_targets
 

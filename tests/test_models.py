@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from sdtune import archs
-from sdtune.models import EMBEDDED, ModelLoadError, detect_arch, load
+from sdtune.archs import detect_arch
+from sdtune.models import EMBEDDED, ModelLoadError, load
 
 
 def test_embedded_model_loads_offline_and_is_sd1_family(tiny_model, monkeypatch):

@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from sdtune import checkpoint as ckpt
 from sdtune import toyworld as tw
+from sdtune import train_state as ckpt
 from sdtune.config import loads_config
 from sdtune.data import DataError, scan_instance_dir
 from sdtune.formats.kohya import read_kohya

@@ -68,13 +68,13 @@ def test_paths_outside_the_workspace_are_refused(studio, tmp_path, images):
         studio.train_start("../../etc/passwd", images, "", "a", "", TARGETS, 2, 1e-3, "x")
 
 
-def test_a_second_training_is_refused_while_one_runs(studio, images, monkeypatch):
-    started, release = threading.Event(), threading.Event()
+def test_a_second_training_is_refused_while_one_runs_and_cancel_stops_it(studio, images, monkeypatch):
+    started = threading.Event()
 
-    def fake_train(config, progress, callback, cancel):
+    def fake_train(config, progress, callback, cancel):  # sdtune.train.train's hooks: callback and cancel
         started.set()
-        assert release.wait(30)
-        return TrainResult(Path(config.output.dir), "cancelled", 0, config.train.steps)
+        assert cancel.wait(30)
+        return TrainResult(Path(config.output.dir), "cancelled", 1, config.train.steps)
 
     monkeypatch.setattr(training, "train", fake_train)
     studio.train_start("demo", images, "", "a sks star", "", TARGETS, 2, 1e-3, "first")
@@ -83,9 +83,10 @@ def test_a_second_training_is_refused_while_one_runs(studio, images, monkeypatch
     with pytest.raises(Refused, match="already running"):
         studio.train_start("demo", images, "", "a sks star", "", TARGETS, 2, 1e-3, "second")
     assert sorted(studio.ws.uploads.iterdir()) == uploads_before  # refused before copying anything
-    release.set()
+    assert studio.train_cancel().startswith("cancelling")
     studio.job.wait(30)
-    assert studio.job.snapshot().status == "cancelled"
+    state = studio.job.snapshot()
+    assert state.status == "cancelled" and "step 1/2" in state.message
     assert studio.train_cancel() == "no training is running"
 
 
@@ -138,9 +139,12 @@ def test_config_from_recipe_and_form(studio, images):
     assert cfg.train.steps == 8 and cfg.optim.lr_unet == 2e-3 and not cfg.prior.enabled
     assert cfg.model.path is None and cfg.data.instance_dir == str(folder) and cfg.output.dir == str(run)
     assert cfg.output.validation_prompts == ["a sks star"] and cfg.output.sample_every == 2
-    cfg = build_config(TrainForm("demo", folder, "a sks star", "a star", TARGETS), run, studio.ws, "/models/x")
-    assert cfg.prior.enabled and Path(cfg.prior.class_dir).is_relative_to(studio.ws.root)
-    assert cfg.model.path == "/models/x"
+    cfg = build_config(TrainForm("demo", folder, "a sks star", "../../a star", TARGETS), run, studio.ws, "/models/x")
+    assert cfg.prior.enabled and cfg.prior.class_prompt == "../../a star"
+    assert Path(cfg.prior.class_dir).parent == studio.ws.class_images  # the prompt names a folder, safely
+    assert cfg.model.path == "/models/x" and cfg.train.seed == 0
+    cfg = build_config(TrainForm("demo", folder, "a sks star", "", TARGETS, seed=7), run, studio.ws, None)
+    assert cfg.train.seed == 7
     with pytest.raises(Refused, match="at least one"):
         build_config(TrainForm("demo", folder, "a", "", {p: ("off", 2, None) for p in TARGETS}), run, studio.ws, None)
     assert recipe_targets("demo")["te"][0] == "locon"  # demo trains the text encoder
@@ -149,3 +153,21 @@ def test_config_from_recipe_and_form(studio, images):
 def test_only_loopback_counts_as_private():
     assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("localhost")
     assert not _is_loopback("0.0.0.0") and not _is_loopback("192.168.1.5")
+
+
+def test_sdtune_ui_command_launches_on_loopback_by_default(monkeypatch, tmp_path):
+    import webui.app
+    from sdtune.cli import main
+
+    real_launch, calls = webui.app.launch, []
+    monkeypatch.setattr(webui.app, "launch", lambda **kw: calls.append(kw))
+    assert main(["ui", "--workspace", str(tmp_path), "--port", "7999"]) == 0
+    assert calls == [{"host": "127.0.0.1", "port": 7999, "workspace": str(tmp_path), "share": False,
+                      "model_source": None}]
+
+    def stop(*args):
+        raise RuntimeError("stopped before serving")
+
+    monkeypatch.setattr(webui.app, "build_app", stop)
+    with pytest.warns(UserWarning, match="anyone who can reach it"), pytest.raises(RuntimeError, match="stopped"):
+        real_launch(host="0.0.0.0", workspace=tmp_path)

@@ -59,7 +59,8 @@ def server(tmp_path_factory):
 def expect(page, selector: str, text: str | None = None, timeout_ms: int = WAIT, count: int = 1) -> None:
     """Wait until ``count`` elements match ``selector`` (showing ``text``); fail at once with its message if the app
     shows an error toast."""
-    target, errors = page.locator(selector, has_text=text), page.locator(".toast-body.error")
+    target = page.locator(selector, has_text=text)
+    errors = page.locator(".toast-body.error, #train-progress:has-text('failed')")
     deadline = time.monotonic() + timeout_ms / 1000
     while target.count() < count:
         if errors.count():
@@ -67,6 +68,11 @@ def expect(page, selector: str, text: str | None = None, timeout_ms: int = WAIT,
         if time.monotonic() > deadline:
             pytest.fail(f"{selector} did not show {text!r} within {timeout_ms / 1000:.0f} s")
         page.wait_for_timeout(250)
+
+
+def shot(page, tab: str) -> None:
+    page.wait_for_timeout(1000)  # let Gradio's fade-in of fresh outputs finish
+    page.screenshot(path=str(SHOTS / f"{tab}.png"), full_page=True)
 
 
 def pick(page, combobox: str, option: str) -> None:
@@ -82,8 +88,9 @@ def set_text(page, field: str, text: str) -> None:
     page.locator(f"{field} textarea, {field} input").first.fill(str(text))
 
 
-def train(page, name: str, prompt: str, steps: int) -> None:
+def train(page, name: str, prompt: str, steps: int, seed: int) -> None:
     set_text(page, "#train-name", name)
+    set_text(page, "#train-seed", seed)
     set_text(page, "#train-prompt", prompt)
     set_text(page, "#train-steps", steps)
     page.locator("#train-start").click()
@@ -101,17 +108,17 @@ def test_train_blend_sample_in_a_browser(browser, server, tmp_path):
     images = tw.write_instance_folder("sks", tmp_path / "sks", n=3)
     page.locator("#train-images input[type=file]").set_input_files(images)
     expect(page, "#train-images", "sks_002", 30_000)  # shown as "sks_002" ".png"
-    train(page, "sks", "a sks star", 4)
+    train(page, "sks", "a sks star", 4, seed=0)
     assert page.locator("#loss-plot canvas, #loss-plot svg").count() > 0  # vega drew the loss curve
     src = page.locator("#train-preview img").get_attribute("src")
     assert src and "step-000004" in src
     assert page.locator("#train-preview img").evaluate("i => i.complete && i.naturalWidth") > 0
-    page.screenshot(path=str(SHOTS / "train.png"), full_page=True)
+    shot(page, "train")
 
     # Train 2: a folder inside the workspace (the uploads are cleared by a reload)
     page.reload()
     pick(page, "#train-folder", "datasets/ohwx")
-    train(page, "ohwx", "a ohwx circle", 3)
+    train(page, "ohwx", "a ohwx circle", 3, seed=1)  # its own init: the blend can keep both
 
     # Library: import an adapter by upload, inspect it
     page.get_by_role("tab", name="Library").click()
@@ -121,7 +128,7 @@ def test_train_blend_sample_in_a_browser(browser, server, tmp_path):
     expect(page, "#library-details", "architecture")
     for name in ("adapter.safetensors", "ohwx.safetensors", "sks.safetensors"):
         assert page.locator("#library-table", has_text=name).count() == 1
-    page.screenshot(path=str(SHOTS / "library.png"), full_page=True)
+    shot(page, "library")
 
     # Blend the two trained adapters, with a merged checkpoint
     page.get_by_role("tab", name="Blend").click()
@@ -131,7 +138,7 @@ def test_train_blend_sample_in_a_browser(browser, server, tmp_path):
     page.locator("#blend-run").click()
     expect(page, "#blend-files", "blend-merged")  # shown as "blend-merged" ".safetensors"
     assert page.locator("#blend-totals", has_text="ohwx.safetensors").count() == 1
-    page.screenshot(path=str(SHOTS / "blend.png"), full_page=True)
+    shot(page, "blend")
 
     # Sample with the blend
     page.get_by_role("tab", name="Sample").click()
@@ -142,7 +149,7 @@ def test_train_blend_sample_in_a_browser(browser, server, tmp_path):
     page.locator("#sample-run").click()
     expect(page, "#sample-gallery img", count=4)
     assert page.locator("#sample-gallery img").count() == 4
-    page.screenshot(path=str(SHOTS / "sample.png"), full_page=True)
+    shot(page, "sample")
 
     # what the browser showed is on disk
     lib = ws / "library"

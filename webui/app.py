@@ -33,6 +33,8 @@ USER_ERRORS = (Refused, ConfigError, FormatError, FusionError, ModelLoadError, F
 TARGET_HELP = {"attn": "attention + feed-forward", "resnet": "ResNet convs", "sample": "down/up-sample convs",
                "te": "text encoder"}
 LIBRARY_HEADERS = ["file", "MB", "arch", "algorithms", "modules", "parameters"]
+CSS = """#train-preview img, #sample-gallery img { image-rendering: pixelated; }
+#train-preview img { width: 100%; height: 100%; object-fit: contain; }"""  # toy-world images are 64 px
 
 
 def _shown(fn):
@@ -60,7 +62,7 @@ def build_app(workspace: Path, model_source=None) -> gr.Blocks:
     first = "demo" if "demo" in names else (names[0] if names else None)
     defaults = recipe_targets(first) if first else {p: (OFF, 8, None) for p in PRESETS}
 
-    with gr.Blocks(title="sdtune") as app:
+    with gr.Blocks(title="sdtune", analytics_enabled=False) as app:
         app.studio = studio
         gr.Markdown(f"## sdtune — train, blend and sample adapters\nWorkspace `{ws.root}` · base model "
                     f"`{model_source or 'embedded tiny-sd'}`")
@@ -72,7 +74,8 @@ def build_app(workspace: Path, model_source=None) -> gr.Blocks:
                                      file_types=["image"], elem_id="train-images")
                     with gr.Column():
                         folder = gr.Dropdown(ws.image_folders(), value=None, allow_custom_value=True,
-                                             label="…or a folder of images inside the workspace", elem_id="train-folder")
+                                             label="…or a folder of images inside the workspace",
+                                             elem_id="train-folder")
                         instance_prompt = gr.Textbox(label="Instance prompt", placeholder="a sks star",
                                                      elem_id="train-prompt")
                         class_prompt = gr.Textbox(label="Class prompt (prior preservation; blank = off)",
@@ -81,6 +84,7 @@ def build_app(workspace: Path, model_source=None) -> gr.Blocks:
                     recipe = gr.Dropdown(names, value=first, label="Recipe (train_configs/*.toml)")
                     steps = gr.Number(100, label="Steps", precision=0, elem_id="train-steps")
                     lr = gr.Number(1e-4, label="Learning rate (U-Net)", elem_id="train-lr")
+                    seed = gr.Number(0, label="Seed (adapter init, data order)", precision=0, elem_id="train-seed")
                     run_name = gr.Textbox("adapter", label="Name", elem_id="train-name")
                 gr.Markdown("**Adapter per target** — scale is α/rank for LoCon/DoRA, s for FLoRA (0 = default)")
                 target_inputs = []
@@ -109,7 +113,8 @@ def build_app(workspace: Path, model_source=None) -> gr.Blocks:
                 with gr.Row():
                     blend_pick = gr.Dropdown(ws.adapters(), multiselect=True, label="Adapters from the library",
                                              elem_id="blend-adapters")
-                    blend_weights = gr.Textbox(label="Weights (one per adapter, blank = all 1.0)", placeholder="1.0, 0.8")
+                    blend_weights = gr.Textbox(label="Weights (one per adapter, blank = all 1.0)",
+                                               placeholder="1.0, 0.8")
                 with gr.Row():
                     method = gr.Radio(list(METHODS), value="orthogonal", label="Fusion method")
                     blend_name = gr.Textbox("blend", label="Output name", elem_id="blend-name")
@@ -132,7 +137,7 @@ def build_app(workspace: Path, model_source=None) -> gr.Blocks:
                                                   elem_id="sample-adapters")
                         sample_weights = gr.Textbox(label="Adapter weights (blank = all 1.0)", placeholder="1.0, 0.6")
                     with gr.Column():
-                        seed = gr.Number(0, label="Seed", precision=0)
+                        sample_seed = gr.Number(0, label="Seed", precision=0)
                         sample_steps = gr.Slider(1, 150, 20, step=1, label="Steps", elem_id="sample-steps")
                         guidance = gr.Slider(1, 15, 5, step=0.5, label="Guidance")
                         size = gr.Number(0, label="Size in pixels (0 = the model's)", precision=0)
@@ -166,14 +171,14 @@ def build_app(workspace: Path, model_source=None) -> gr.Blocks:
         recipe.change(lambda r: [v or 0 for p in PRESETS for v in recipe_targets(r)[p]], recipe, target_inputs)
 
         @_shown
-        def on_start(rec, files, fold, ip, cp, n, rate, name, *tvals):
+        def on_start(rec, files, fold, ip, cp, n, rate, sd, name, *tvals):
             targets = {p: (tvals[3 * i], tvals[3 * i + 1] or 1, tvals[3 * i + 2]) for i, p in enumerate(PRESETS)}
-            gr.Info(studio.train_start(rec, files, fold, ip, cp, targets, n, rate, name))
+            studio.train_start(rec, files, fold, ip, cp, targets, n, rate, name, sd)
             return _progress_html(studio.job.snapshot())
 
-        start.click(on_start, [recipe, images, folder, instance_prompt, class_prompt, steps, lr, run_name,
+        start.click(on_start, [recipe, images, folder, instance_prompt, class_prompt, steps, lr, seed, run_name,
                                *target_inputs], progress)
-        cancel.click(lambda: gr.Info(studio.train_cancel()), None, None)
+        cancel.click(lambda: gr.Info(studio.train_cancel(), duration=3), None, None)
 
         def on_tick(last):
             state = studio.job.snapshot()
@@ -194,7 +199,7 @@ def build_app(workspace: Path, model_source=None) -> gr.Blocks:
         blend_btn.click(on_blend, [blend_pick, blend_weights, method, blend_name, merged],
                         [totals, blend_files, report, *lists])
 
-        sample_btn.click(_shown(studio.sample), [prompt, negative, seed, sample_steps, guidance, size, count,
+        sample_btn.click(_shown(studio.sample), [prompt, negative, sample_seed, sample_steps, guidance, size, count,
                                                  sample_pick, sample_weights], gallery)
 
         chosen.change(_shown(studio.library_details), chosen, details)
@@ -234,7 +239,7 @@ def launch(host: str = "127.0.0.1", port: int = 7860, workspace: str | Path = "s
     app = build_app(Path(workspace), model_source)
     app.queue(default_concurrency_limit=1)
     app.launch(server_name=host, server_port=port, share=share, allowed_paths=[str(app.studio.ws.root)],
-               max_file_size=MAX_ADAPTER_BYTES, prevent_thread_lock=not block, quiet=not block)
+               max_file_size=MAX_ADAPTER_BYTES, prevent_thread_lock=not block, quiet=not block, css=CSS)
     return app
 
 

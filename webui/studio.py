@@ -2,18 +2,16 @@
 
 They take and return plain values, so tests call them without a browser; a refusal raises ``Refused``.
 The base model is loaded once and shared by Sample, Blend and Library; a lock serialises the requests that
-add adapter weights into it (``apply_file``) or read it. Training loads its own copy (``sdtune.train``).
+add adapter weights into it (``sample.generate`` applies them) or read it. Training loads its own copy (``sdtune.train``).
 """
 from __future__ import annotations
 
 import math
 import threading
-from contextlib import ExitStack
 from pathlib import Path
 
 from sdtune import fusion
 from sdtune.formats.checkpoint import save_merged_checkpoint
-from sdtune.formats.reader import apply_file
 from sdtune.inspect import format_inspection, inspect_file
 from sdtune.sample import SampleRequest, generate, save_samples
 
@@ -55,7 +53,8 @@ class Studio:
 
     # ---------------------------------------------------------------------------------------------- train
     def train_start(self, recipe: str, images: list[str] | None, folder: str, instance_prompt: str,
-                    class_prompt: str, targets: dict, steps: int, lr: float, name: str) -> str:
+                    class_prompt: str, targets: dict, steps: int, lr: float, name: str,
+                    seed: int | None = None) -> str:
         """Start a run on uploaded ``images`` (kept in uploads/) or on ``folder`` inside the workspace."""
         self.job.ensure_idle()  # before anything is copied
         if images:
@@ -67,7 +66,7 @@ class Studio:
         if not (1 <= int(steps) <= 100_000) or not (0 < float(lr) < 1):
             raise Refused(f"steps {steps} / learning rate {lr}: expected 1–100000 steps and 0 < lr < 1")
         form = TrainForm(recipe, instance_dir, instance_prompt, class_prompt, targets, int(steps), float(lr),
-                         name or "adapter")
+                         name or "adapter", None if seed is None else int(seed))
         run_dir = self.ws.free_name(self.ws.runs, f"{form.name}", "")
         config = build_config(form, run_dir, self.ws, self.model_source)
         self.job.start(config)
@@ -117,13 +116,11 @@ class Studio:
         ws_ = parse_weights(weights, len(paths))
         try:
             request = SampleRequest(prompts, negative or "", int(seed), int(steps), float(guidance),
-                                    int(size) if size else None, int(count), list(zip(names, ws_)))
+                                    int(size) if size else None, int(count), [(str(p), w) for p, w in zip(paths, ws_)])
         except ValueError as e:
             raise Refused(str(e)) from None
-        with self._lock, ExitStack() as applied:
+        with self._lock:
             model = self.model()
-            for path, w in zip(paths, ws_):
-                applied.enter_context(apply_file(model.components(), model.arch, path, w))
             samples = generate(model, request, progress=False)
         written = save_samples(samples, request, self.ws.samples / stamp(), model.source)
         return written["images"]

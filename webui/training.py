@@ -19,7 +19,7 @@ from sdtune.config import TrainConfig, from_dict
 from sdtune.inject import PRESETS
 from sdtune.train import TrainEvent, train
 
-from .workspace import Refused, Workspace
+from .workspace import Refused, Workspace, safe_name
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "train_configs"
 OFF = "off"
@@ -63,6 +63,7 @@ class TrainForm:
     steps: int = 100
     lr: float = 1e-4
     name: str = "adapter"
+    seed: int | None = None  # None: the recipe's; concepts meant to be blended fuse better with different seeds
 
 
 def _rule(preset: str, algorithm: str, rank: int, scale: float | None) -> dict:
@@ -93,13 +94,15 @@ def build_config(form: TrainForm, run_dir: Path, ws: Workspace, model_source: st
     if prompt:
         d["data"]["instance_prompt"] = prompt
     d["prior"] = d.get("prior", {}) | {"enabled": bool(cls), "class_prompt": cls,
-                                       "class_dir": str(ws.class_images / (cls.replace(" ", "_")[:60] or "none"))}
+                                       "class_dir": str(ws.class_images / safe_name(cls, "none"))}
     d["adapters"] = [r for r in rules if r["preset"] != "te"]
     if not d["adapters"]:
         raise Refused("the text encoder alone cannot be trained here: turn on a U-Net target too")
     d["adapters"] += [r for r in rules if r["preset"] == "te"]
     d["train"] = {k: v for k, v in d.get("train", {}).items() if k != "epochs"} | {
         "steps": int(form.steps), "train_text_encoder": any(r["preset"] == "te" for r in rules)}
+    if form.seed is not None:
+        d["train"]["seed"] = int(form.seed)
     d["optim"] = d.get("optim", {}) | {"lr_unet": float(form.lr)}
     out = d.get("output", {})
     d["output"] = out | {"dir": str(run_dir), "name": run_dir.name, "sample_every": max(1, int(form.steps) // 4),

@@ -44,13 +44,10 @@ def stamp() -> str:
 class Workspace:
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser().resolve()
+        self.library, self.uploads, self.runs, self.samples, self.merged, self.class_images = (
+            self.root / name for name in FOLDERS)
         for name in FOLDERS:
             (self.root / name).mkdir(parents=True, exist_ok=True)
-
-    def __getattr__(self, name: str) -> Path:
-        if name in FOLDERS:
-            return self.root / name
-        raise AttributeError(name)
 
     def inside(self, path: str | Path, *, under: str | Path | None = None) -> Path:
         """``path`` (relative to the workspace, or absolute) resolved; Refused unless it stays inside the workspace

@@ -3,11 +3,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from . import flora, locon, spectral
-from .base import ALGORITHMS, Adapter, AdapterSpec, LayerInfo, all_finite, choose_path, layer_info
+from .base import (
+    ALGORITHMS,
+    Adapter,
+    AdapterSpec,
+    LayerInfo,
+    all_finite,
+    choose_path,
+    layer_info,
+)
 from .dora import DoRA
 
 __all__ = ["ALGORITHMS", "Adapter", "AdapterSpec", "DoRA", "choose_path", "build_adapter", "make_adapter", "validate_layer"]

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..atomic import atomic_path
 from . import functional as Fn
 from .base import AdapterSpec, LayerInfo, LowRank, check_rank
 
@@ -54,11 +54,8 @@ def top_singular(weight: Tensor, k: int, cache_dir: str | Path | None = None) ->
     u, s, vh = torch.linalg.svd(mat, full_matrices=False)
     u, s, v = u[:, :k].contiguous(), s[:k].contiguous(), vh[:k].T.contiguous()
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        save_file({"u": u.cpu(), "s": s.cpu(), "v": v.cpu()}, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({"u": u.cpu(), "s": s.cpu(), "v": v.cpu()}, str(tmp))
     return u, s, v
 
 

@@ -39,6 +39,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from ..atomic import atomic_path
+
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 # component -> (text-encoder layout, prefix) per architecture
@@ -335,15 +337,8 @@ def save_merged_checkpoint(model, adapters: Sequence = (), out: str | Path = "mo
             "sdtune_merged": json.dumps([[_label(src), w] for src, w in _entries(adapters)])}
     meta.update(metadata or {})
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     if diffusers_dir is not None:
         _save_diffusers(model, parts, sds, Path(diffusers_dir))
     return {"path": str(out), "tensors": len(tensors), "merged_layers": merged,

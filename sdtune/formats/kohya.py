@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,10 +18,21 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
+from .. import atomic
 from . import metadata as md_
 from . import rebuild
-from .reader import (AdapterFile, AppliedFile, FormatError, ModuleDelta, apply_file, detect_arch, iter_deltas,
-                     model_arch, read_kohya, target_layer)
+from .reader import (
+    AdapterFile,
+    AppliedFile,
+    FormatError,
+    ModuleDelta,
+    apply_file,
+    detect_arch,
+    iter_deltas,
+    model_arch,
+    read_kohya,
+    target_layer,
+)
 
 # the reading side lives in reader.py; it is re-exported so that ``formats.kohya`` is the one format module
 __all__ = ["save_kohya", "export_tensors", "load_native", "read_kohya", "apply_file", "AppliedFile", "AdapterFile",
@@ -185,23 +194,8 @@ def save_kohya(source, path, *, arch: str | None = None, dtype: torch.dtype = to
     final = safetensors.torch.save(tensors, md)
     if len(final) != len(data) or md_.hashes_of(final)["sshs_model_hash"] != md["sshs_model_hash"]:
         raise RuntimeError("safetensors serialisation changed the data layout between two identical saves")
-    _atomic_write(path, final)
+    atomic.write_bytes(path, final)
     return md
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ------------------------------------------------------------------------------------------ native reload

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..archs import detect_arch as detect_model_arch
 from . import metadata as md_
 from . import rebuild
 
@@ -162,9 +163,7 @@ def detect_arch(groups: Mapping[str, dict[str, Tensor]], metadata: Mapping[str, 
 
 
 def model_arch(components: Mapping[str, nn.Module]) -> str:
-    """Architecture family of live components (``sdtune.models.detect_arch``)."""
-    from sdtune.models import detect_arch as detect_model_arch
-
+    """Architecture family of live components (``sdtune.archs.detect_arch``)."""
     return detect_model_arch(components["unet"], {k: v for k, v in components.items() if k != "unet"})
 
 
