@@ -70,7 +70,7 @@ ALGOS = {
     "locon": [],
     "flora": ["adapters.algorithm=flora"],
     "dora": ["adapters.algorithm=dora"],
-    "spectral": ["adapters.algorithm=spectral", "optim.lr_unet=1e-2"],
+    "spectral": ["adapters.algorithm=spectral", "optim.lr_unet=1e-3"],
 }
 
 

@@ -32,7 +32,7 @@ def default_cache_dir() -> Path:
 
 def weight_key(weight: Tensor) -> str:
     w = weight.detach().contiguous().cpu()
-    h = hashlib.sha256(f"{tuple(w.shape)}|{w.dtype}|".encode())
+    h = hashlib.sha256(f"svd-v2|{tuple(w.shape)}|{w.dtype}|".encode())
     h.update(w.view(torch.uint8).numpy().tobytes() if w.numel() else b"")
     return h.hexdigest()
 
@@ -52,7 +52,12 @@ def top_singular(weight: Tensor, k: int, cache_dir: str | Path | None = None) ->
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     mat = weight.detach().to(dtype).flatten(1)
     u, s, vh = torch.linalg.svd(mat, full_matrices=False)
-    u, s, v = u[:, :k].contiguous(), s[:k].contiguous(), vh[:k].T.contiguous()
+    u, s, v = u[:, :k], s[:k].contiguous(), vh[:k].T
+    # Singular vectors are defined up to sign, and LAPACK's choice can change with the thread count: fix it
+    # (largest-magnitude entry of each u column positive) so a cached or recomputed SVD reloads the same adapter.
+    sign = torch.sign(u.gather(0, u.abs().argmax(0, keepdim=True)))
+    sign[sign == 0] = 1
+    u, v = (u * sign).contiguous(), (v * sign).contiguous()
     if path is not None:
         with atomic_path(path) as tmp:
             save_file({"u": u.cpu(), "s": s.cpu(), "v": v.cpu()}, str(tmp))
