@@ -18,7 +18,7 @@ from torch import nn
 
 from sdtune.formats import FormatError, read_kohya, rebuild, save_kohya
 from sdtune.formats import metadata as md_
-from sdtune.formats.kohya import AppliedFile
+from sdtune.formats.reader import AppliedFile
 
 # ------------------------------------------------------------------------------------------------ rebuild
 

@@ -22,7 +22,7 @@ from sdtune import toyworld as tw
 from sdtune import train_state as ckpt
 from sdtune.config import loads_config
 from sdtune.data import DataError, scan_instance_dir
-from sdtune.formats.kohya import read_kohya
+from sdtune.formats.reader import read_kohya
 from sdtune.train import DiskSpaceError, Trainer, TrainingDiverged, read_log, train
 
 ROOT = Path(__file__).resolve().parent.parent

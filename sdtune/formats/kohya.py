@@ -1,5 +1,5 @@
-"""AUTOMATIC1111 / kohya / LyCORIS adapter files: write (``save_kohya``), read (``read_kohya``) and apply to
-live weights (``apply_file``).
+"""AUTOMATIC1111 / kohya / LyCORIS adapter files: the writing side (``save_kohya``) and sdtune's native reload
+(``load_native``). Reading any file and applying it to live weights is ``reader.py``.
 
 A file is a flat safetensors dict ``<kohya_name>.<tensor>`` (names and tensors: ``../shared/LOADER-FACTS.md``)
 plus string metadata. Reading never unpickles: only safetensors is accepted, and its header is checked
@@ -21,22 +21,7 @@ from torch import Tensor, nn
 from .. import atomic
 from . import metadata as md_
 from . import rebuild
-from .reader import (
-    AdapterFile,
-    AppliedFile,
-    FormatError,
-    ModuleDelta,
-    apply_file,
-    detect_arch,
-    iter_deltas,
-    model_arch,
-    read_kohya,
-    target_layer,
-)
-
-# the reading side lives in reader.py; it is re-exported so that ``formats.kohya`` is the one format module
-__all__ = ["save_kohya", "export_tensors", "load_native", "read_kohya", "apply_file", "AppliedFile", "AdapterFile",
-           "ModuleDelta", "FormatError", "detect_arch", "model_arch", "target_layer", "iter_deltas"]
+from .reader import FormatError, read_kohya
 
 # ----------------------------------------------------------------------------------------------- writing
 

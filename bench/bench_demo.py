@@ -1,0 +1,51 @@
+"""Concept fidelity and prior preservation of a trained DreamBooth adapter, judged on the toy world.
+
+    python bench/bench_demo.py outputs/demo/adapter.safetensors --token sks [--n 32]
+
+Samples ``n`` images of "a <token> <class>" and of the class prompt "a <class>", with the base model and with
+the adapter applied, and reports: concept fidelity (the judge sees the concept), and prior preservation (the
+class prompt still renders its class, as a fraction of the base model's rate).
+"""
+from __future__ import annotations
+
+import argparse
+
+from sdtune import judge as J
+from sdtune import toyworld as tw
+from sdtune.models import load
+from sdtune.sample import SampleRequest, generate
+
+
+def rates(model, judge, prompt: str, n: int, adapters, token: str, cls: str) -> tuple[float, float]:
+    samples = generate(model, SampleRequest([prompt], seed=500, steps=20, guidance=5.0, count=n, adapters=adapters),
+                       progress=False)
+    v = J.judge(judge, [s.image for s in samples])
+    is_concept = [(x.object == token) if token in tw.OBJECTS else (x.style == token) for x in v]
+    is_class = [x.shape == cls for x in v] if token in tw.OBJECTS else [x.style is None for x in v]
+    return sum(is_concept) / n, sum(is_class) / n
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("adapter")
+    p.add_argument("--token", default="sks")
+    p.add_argument("--n", type=int, default=32)
+    a = p.parse_args()
+    model, judge = load(), J.load()
+    cls = tw.concept_class_word(a.token)
+    concept_prompt = f"a {a.token} {cls}" if a.token in tw.OBJECTS else f"a {tw.SHAPES[0]} in {a.token} style"
+    class_prompt = f"a {cls}" if a.token in tw.OBJECTS else f"a {tw.SHAPES[0]}"
+    base_fid, _ = rates(model, judge, concept_prompt, a.n, [], a.token, cls)
+    fid, _ = rates(model, judge, concept_prompt, a.n, [(a.adapter, 1.0)], a.token, cls)
+    _, base_prior = rates(model, judge, class_prompt, a.n, [], a.token, cls)
+    leak, prior = rates(model, judge, class_prompt, a.n, [(a.adapter, 1.0)], a.token, cls)
+    print("| prompt | base model | with adapter |")
+    print("|---|---|---|")
+    print(f"| \"{concept_prompt}\": concept fidelity | {base_fid:.1%} | {fid:.1%} |")
+    print(f"| \"{class_prompt}\": judged as a {cls} | {base_prior:.1%} | {prior:.1%} "
+          f"({prior / max(base_prior, 1e-9):.0%} of base) |")
+    print(f"| \"{class_prompt}\": concept leaks in | — | {leak:.1%} |")
+
+
+if __name__ == "__main__":
+    main()
