@@ -1,6 +1,6 @@
 """The ``sdtune`` command line: each command parses its arguments and makes one API call.
 
-Commands: ``sample``, ``export``, ``inspect`` (and ``train``, ``fuse``, ``ui`` as their modules land).
+Commands: ``train``, ``sample``, ``export``, ``inspect``, ``fuse``, ``merge``, ``ui``.
 The web UI calls the same API functions, never this module.
 """
 from __future__ import annotations
@@ -264,7 +264,7 @@ def _add_ui(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdtune", description="Parameter-efficient fine-tuning for Stable Diffusion.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_sample, _add_export, _add_inspect, _add_train, _add_merge, _add_fuse, _add_ui):
+    for add in (_add_train, _add_sample, _add_export, _add_inspect, _add_fuse, _add_merge, _add_ui):
         add(sub)
     return parser
 
