@@ -1,6 +1,6 @@
 """Quality and speed of the embedded base model, measured by the toy-world judge.
 
-    python bench/bench_embedded.py [--per-prompt 2] [--steps 20] [--guidance 5]
+    python bench/bench_embedded.py [--per-prompt 2] [--steps 20] [--guidance 5] [--model DIR] [--prompts N --seed S]
 
 For every shape × colour prompt ("a red star"), samples ``--per-prompt`` images with DPM-Solver++ and asks
 the judge whether it shows the prompted shape, colour, and both. Also times one 64 px image (batch 1).
@@ -24,13 +24,19 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--model", default=None)
+    p.add_argument("--prompts", type=int, default=64, help="a seeded random subset of the 64 shape × colour prompts")
+    p.add_argument("--seed", type=int, default=1000, help="sampling seed of the first image of each prompt")
     a = p.parse_args()
     model = load(a.model)
     judge = J.load()
     pairs = [(s, c) for s in tw.SHAPES for c in tw.COLOURS]
+    if a.prompts < len(pairs):
+        import numpy as np
+
+        pairs = [pairs[i] for i in np.random.default_rng(0).permutation(len(pairs))[:a.prompts]]
     prompts = [f"a {c} {s}" for s, c in pairs]
     t0 = time.perf_counter()
-    samples = generate(model, SampleRequest(prompts, seed=1000, steps=a.steps, guidance=a.guidance,
+    samples = generate(model, SampleRequest(prompts, seed=a.seed, steps=a.steps, guidance=a.guidance,
                                             count=a.per_prompt), progress=True)
     wall = time.perf_counter() - t0
     verdicts = J.judge(judge, [s.image for s in samples])

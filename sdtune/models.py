@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from .archs import detect_arch
+from .formats.reader import PICKLE_SUFFIXES
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # SDTUNE_EMBEDDED points the default at another folder (e.g. a micro model while assets/tiny-sd is rebuilt).
 EMBEDDED = Path(os.environ.get("SDTUNE_EMBEDDED", ASSETS / "tiny-sd"))
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 class ModelLoadError(RuntimeError):

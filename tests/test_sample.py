@@ -55,3 +55,28 @@ def test_embedded_model_quality_short(tiny_model, judge_model):
     verdicts = J.judge(judge_model, [s.image for s in samples])
     hits = sum(v.shape == p[0] and v.colour == p[1] for v, p in zip(verdicts, [p for p in pairs for _ in range(2)]))
     assert hits / len(samples) >= 0.25, f"{hits}/{len(samples)}"
+
+
+def test_export_and_inspect_cli_on_the_embedded_model(fresh_tiny_model, tmp_path, capsys):
+    """`sdtune export` turns a native adapter into an A1111 file; `sdtune inspect --json` reads it back."""
+    import torch
+
+    from sdtune.adapters import AdapterSpec
+    from sdtune.inject import attach
+
+    inj = attach(fresh_tiny_model.components(), [("attn", AdapterSpec("locon", rank=2))], fresh_tiny_model.arch)
+    with torch.no_grad():
+        for a in inj.parameters():
+            a.add_(0.01)
+    inj.save(tmp_path / "a.sdtune")
+    out = tmp_path / "a.safetensors"
+    assert main(["export", str(tmp_path / "a.sdtune"), "-o", str(out), "--dtype", "fp32"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json", "--against-model"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["modules"] == len(inj.adapters) and info["unmapped"] == [] and info["hashes"]["ok"]
+    assert info["arch"] == "sd1" and info["ranks"] == {"2": len(inj.adapters)}
+    # error paths: a file that is not a native adapter, a missing file
+    assert main(["export", str(out), "-o", str(tmp_path / "b.safetensors")]) == 2
+    assert main(["inspect", str(tmp_path / "missing.safetensors")]) == 2
+    assert "error" in capsys.readouterr().err
