@@ -50,8 +50,8 @@ def main() -> None:
         generate(model, SampleRequest(["a red star"], seed=i, steps=a.steps, guidance=a.guidance), progress=False)
         times.append(time.perf_counter() - t)
     times.sort()
-    print(f"| samples | sampler | steps | guidance | shape | colour | shape+colour | s/image (batch 1, median of 5) |")
-    print(f"|---|---|---|---|---|---|---|---|")
+    print("| samples | sampler | steps | guidance | shape | colour | shape+colour | s/image (batch 1, median of 5) |")
+    print("|---|---|---|---|---|---|---|---|")
     print(f"| {len(samples)} ({len(prompts)} prompts × {a.per_prompt}) | DPM-Solver++ | {a.steps} | {a.guidance} | "
           f"{shape:.1%} | {colour:.1%} | {both:.1%} | {times[2]:.3f} |")
     print(f"(batched generation wall time {wall:.1f} s, torch threads {torch.get_num_threads()})")

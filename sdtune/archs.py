@@ -3,7 +3,10 @@
 No weights are downloaded: the configs below are the ones the original checkpoints ship with, so a model
 built here has the real module tree, names and parameter counts (SD1.5 U-Net: 859,520,964 parameters;
 SDXL U-Net: 2,567,463,684). Used for export-format checks and speed benchmarks. Build on
-``device="meta"`` to get the module tree without allocating memory.
+``device="meta"`` to get the module tree without allocating memory. ``small=True`` keeps each architecture's
+block structure (block types, layers per block, transformer depths, SDXL's text-time conditioning, the text-encoder
+classes) and shrinks only the widths (and the text encoders' depth): the same U-Net module names and
+LDM layout with real tensors that run in milliseconds, for loader cross-checks.
 """
 from __future__ import annotations
 
@@ -47,6 +50,21 @@ _OPENCLIP_H = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=2
 _OPENCLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
                       max_position_embeddings=77, vocab_size=49408, hidden_act="gelu", projection_dim=1280)
 
+# Overrides for ``small=True``: widths only (attention heads chosen to divide them; SDXL's cross-attention width is
+# the two text encoders' widths concatenated and its add-embedding input the pooled projection + 6 time ids).
+_SMALL_UNET: dict[str, dict] = {
+    "sd1": dict(block_out_channels=(32, 64, 128, 128), cross_attention_dim=32),
+    "sd2": dict(block_out_channels=(32, 64, 128, 128), attention_head_dim=(1, 2, 4, 4), cross_attention_dim=32),
+    "sdxl": dict(block_out_channels=(32, 64, 128), attention_head_dim=(1, 2, 4), cross_attention_dim=32 + 48,
+                 addition_time_embed_dim=8, projection_class_embeddings_input_dim=40 + 6 * 8),
+}
+_SMALL_TE: dict[str, dict] = {
+    "text_encoder": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         projection_dim=32),
+    "text_encoder_2": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                           projection_dim=40),
+}
+
 # (component name, config, has projection head) per architecture, in pipeline order.
 TEXT_ENCODER_CONFIGS: dict[str, list[tuple[str, dict, bool]]] = {
     "sd1": [("text_encoder", _CLIP_L, False)],
@@ -84,23 +102,36 @@ def _check_arch(arch: str) -> None:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHS}")
 
 
-def build_unet(arch: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               seed: int = 0) -> UNet2DConditionModel:
+def unet_config(arch: str, *, small: bool = False) -> dict:
+    """The U-Net config of ``arch`` (published, or with ``small`` widths; see the module docstring)."""
     _check_arch(arch)
+    return {**UNET_CONFIGS[arch], **(_SMALL_UNET[arch] if small else {})}
+
+
+def text_encoder_configs(arch: str, *, small: bool = False) -> list[tuple[str, dict, bool]]:
+    """(component name, CLIPTextConfig kwargs, has projection head) of ``arch``'s text encoders."""
+    _check_arch(arch)
+    return [(name, {**cfg, **(_SMALL_TE[name] if small else {})}, proj)
+            for name, cfg, proj in TEXT_ENCODER_CONFIGS[arch]]
+
+
+def build_unet(arch: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               seed: int = 0, small: bool = False) -> UNet2DConditionModel:
+    config = unet_config(arch, small=small)
     torch.manual_seed(seed)
     with torch.device(device):
-        unet = UNet2DConditionModel(**UNET_CONFIGS[arch])
+        unet = UNet2DConditionModel(**config)
     if dtype != torch.float32:
         unet = unet.to(dtype=dtype)
     return unet.eval().requires_grad_(False)
 
 
 def build_text_encoders(arch: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                        seed: int = 0) -> dict[str, torch.nn.Module]:
-    _check_arch(arch)
+                        seed: int = 0, small: bool = False) -> dict[str, torch.nn.Module]:
+    configs = text_encoder_configs(arch, small=small)
     torch.manual_seed(seed)
     out: dict[str, torch.nn.Module] = {}
-    for name, cfg, with_projection in TEXT_ENCODER_CONFIGS[arch]:
+    for name, cfg, with_projection in configs:
         config = CLIPTextConfig(**cfg)
         cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
         with torch.device(device):
@@ -110,8 +141,9 @@ def build_text_encoders(arch: str, *, device: str | torch.device = "cpu", dtype:
 
 
 def build_random(arch: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 seed: int = 0, text_encoders: bool = True) -> RandomModel:
-    """Build the U-Net (and text encoders) of ``arch`` with random weights; ``device="meta"`` allocates nothing."""
-    unet = build_unet(arch, device=device, dtype=dtype, seed=seed)
-    tes = build_text_encoders(arch, device=device, dtype=dtype, seed=seed) if text_encoders else {}
+                 seed: int = 0, text_encoders: bool = True, small: bool = False) -> RandomModel:
+    """Build the U-Net (and text encoders) of ``arch`` with random weights; ``device="meta"`` allocates nothing;
+    ``small`` gives the same block structure with small widths."""
+    unet = build_unet(arch, device=device, dtype=dtype, seed=seed, small=small)
+    tes = build_text_encoders(arch, device=device, dtype=dtype, seed=seed, small=small) if text_encoders else {}
     return RandomModel(arch, unet, tes)

@@ -373,7 +373,7 @@ def format_report(result: FusionResult, per_layer: bool = True) -> str:
     """Per-layer and total interference (‖W_fused·x − W_i·x‖ / ‖ΔW_i·x‖) and kept norm per input."""
     head = [f"method {result.method} {result.options}; inputs " +
             ", ".join(f"{lab}×{w:g}" for lab, w in zip(result.labels, result.weights)),
-            f"interference ‖W_fused·x − W_i·x‖/‖ΔW_i·x‖ on x from "
+            "interference ‖W_fused·x − W_i·x‖/‖ΔW_i·x‖ on x from "
             + ("each concept's captured activations" if result.x_source == "activations"
                else "random inputs in each adapter's own row space (no activations given)")]
     cols = ["layer", "rank", "refactor err"] + [f"{lab}: interf/kept" for lab in result.labels]

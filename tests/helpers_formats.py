@@ -1,5 +1,8 @@
-"""Small real-layout models and hand-made adapter files for tests/test_formats.py."""
+"""Small real-layout models, adapter perturbation and the LyCORIS merge oracle for tests/test_formats.py and
+tests/test_loaders.py."""
 from __future__ import annotations
+
+import zlib
 
 import torch
 from torch import nn
@@ -36,3 +39,57 @@ def layers(module: nn.Module) -> dict[str, nn.Module]:
 
 def rand(*shape, seed=None):
     return torch.randn(*shape) if seed is None else torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def perturb(adapter, seed: int) -> None:
+    """Move every trainable tensor of ``adapter`` off its initial value (zero-init factors included), so ΔW ≠ 0."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in adapter.trainable_named_parameters():
+            step = torch.randn(p.shape, generator=g) * 0.1
+            p.add_(step * (p.abs().mean() if p.abs().sum() > 0 else 0.5))
+
+
+def perturb_all(inj) -> None:
+    """``perturb`` every adapter of an Injection, seeded by its kohya name (reproducible across runs)."""
+    for name, adapter in inj.adapters.items():
+        perturb(adapter, seed=zlib.crc32(name.encode()))
+
+
+def lycoris_merge(path, modules: dict[str, nn.Module]) -> tuple[set[str], set[str]]:
+    """Merge the file at ``path`` into the live layers ``modules`` (kohya name -> layer) the way LyCORIS 4.1.3's
+    kohya loader does (``get_module`` detects the algorithm from the keys, ``make_module``, ``merge_to(1.0)``);
+    returns (keys consumed, keys in the file). The name -> layer map is the caller's: LyCORIS's
+    ``create_network_from_weights`` looks names up as ``lora_unet_`` + module path of the U-Net it is given,
+    which for SDXL is kohya's own LDM-layout U-Net, and it first builds a default network that asserts on
+    diffusers' duplicate module names, so its inner loop is run here.
+
+    LyCORIS's loader assumes output-axis DoRA and raises on an input-axis ``dora_scale`` (LOADER-FACTS), so those
+    modules are built with its LoConModule(wd_on_out=False) from the same tensors."""
+    import safetensors.torch
+    from lycoris.modules import LoConModule, get_module, make_module
+
+    sd = safetensors.torch.load_file(str(path))
+    used = set()
+    for name in sorted({k.split(".")[0] for k in sd}):
+        if name not in modules:
+            continue
+        g = {k.split(".", 1)[1]: v for k, v in sd.items() if k.split(".")[0] == name}
+        if "dora_scale" in g and g["dora_scale"].shape[0] == 1:
+            mid = g.get("lora_mid.weight")
+            module = LoConModule(name, modules[name], 1.0, g["lora_down.weight"].shape[0], float(g["alpha"]),
+                                 use_tucker=mid is not None, weight_decompose=True, wd_on_out=False)
+            with torch.no_grad():
+                module.lora_down.weight.copy_(g["lora_down.weight"])
+                module.lora_up.weight.copy_(g["lora_up.weight"])
+                if mid is not None:
+                    module.lora_mid.weight.copy_(mid)
+                module.dora_scale.copy_(g["dora_scale"])
+            keys = set(g)
+        else:
+            cls, params = get_module(sd, name)
+            module = make_module(cls, params, name, modules[name])
+            keys = {k for k in cls.weight_list if k in g}
+        module.merge_to(1.0)
+        used |= {f"{name}.{k}" for k in keys}
+    return used, set(sd)

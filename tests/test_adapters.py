@@ -51,6 +51,19 @@ def test_delta_matches_dense_reference(algo, layer_id, cache):
     assert rel(a32.delta_weight(), dense_reference(a32)) < 1e-4
 
 
+@pytest.mark.parametrize("axis", ["in", "out"])
+@pytest.mark.parametrize("algo,layer_id", CASES, ids=CASE_IDS)
+def test_lowrank_channel_norm_equals_norm_of_built_weight(algo, layer_id, axis, cache):
+    """DoRA's closed-form ‖W+ΔW‖ (no W+ΔW built) equals the norm of the built weight, for every LoRA form."""
+    layer, a, _ = build(algo, layer_id, cache, torch.float64)
+    w = a.original_weight()
+    up, mid, down, scale = a.lora.lora_form()
+    got = Fn.lowrank_channel_norm(w, Fn.squared_channel_norm(w, axis), up, mid, down, scale, axis)
+    want = Fn.channel_norm(w + a.lora.delta(), axis)
+    assert got.shape == want.shape and got.dtype == torch.float64
+    assert rel(got, want) < 1e-9
+
+
 @pytest.mark.parametrize("algo,layer_id", CASES, ids=CASE_IDS)
 def test_bypass_equals_materialised(algo, layer_id, cache):
     layer, a, x = build(algo, layer_id, cache)

@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import zlib
 
 import pytest
 import safetensors.torch
 import torch
-from helpers_formats import layers, rand, tiny_components, tiny_unet
+from helpers_formats import (
+    layers,
+    lycoris_merge,
+    perturb,
+    perturb_all,
+    rand,
+    tiny_components,
+    tiny_unet,
+)
 from torch import nn
 
 from sdtune.formats import FormatError, read_kohya, rebuild, save_kohya
@@ -174,54 +181,8 @@ def _attach_unet(spec_kw, tmp_path, seed=0, presets=("attn", "resnet", "sample")
             continue
         rules.append((preset, AdapterSpec(**kw) if kw != spec_kw else spec))
     inj = attach({"unet": unet}, rules, "sd1", svd_cache_dir=tmp_path / "svd")
-    for adapter in inj.adapters.values():
-        perturb(adapter, seed=zlib.crc32(adapter.kohya_name.encode()))
+    perturb_all(inj)
     return unet, inj
-
-
-def perturb(adapter, seed):
-    """Move every trainable tensor off its initial value (zero-init factors included)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in adapter.trainable_named_parameters():
-            step = torch.randn(p.shape, generator=g) * 0.1
-            p.add_(step * (p.abs().mean() if p.abs().sum() > 0 else 0.5))
-
-
-def _lycoris_merge(path, unet):
-    """Merge a file into ``unet`` the way LyCORIS 4.1.3's kohya loader does (its name rule
-    ``lora_unet_`` + path, ``get_module`` to detect the algorithm from the keys, ``make_module``, ``merge_to``);
-    returns (keys consumed, keys in the file). Its ``create_network_from_weights`` itself cannot run on a bare
-    U-Net (it first builds a default network and asserts on duplicate names), hence the inner loop here.
-
-    LyCORIS's loader assumes output-axis DoRA and raises on an input-axis ``dora_scale`` (LOADER-FACTS), so
-    those modules are built with its LoConModule(wd_on_out=False) from the same tensors. U-Net only: LyCORIS
-    derives text-encoder names from module paths (lora_te_encoder_…), which no UI loads."""
-    from lycoris.modules import LoConModule, get_module, make_module
-
-    sd = safetensors.torch.load_file(str(path))
-    by_name = {f"lora_unet_{n}".replace(".", "_"): m for n, m in unet.named_modules()}
-    used = set()
-    for name in sorted({k.split(".")[0] for k in sd}):
-        g = {k.split(".", 1)[1]: v for k, v in sd.items() if k.split(".")[0] == name}
-        if "dora_scale" in g and g["dora_scale"].shape[0] == 1:
-            mid = g.get("lora_mid.weight")
-            module = LoConModule(name, by_name[name], 1.0, g["lora_down.weight"].shape[0], float(g["alpha"]),
-                                 use_tucker=mid is not None, weight_decompose=True, wd_on_out=False)
-            with torch.no_grad():
-                module.lora_down.weight.copy_(g["lora_down.weight"])
-                module.lora_up.weight.copy_(g["lora_up.weight"])
-                if mid is not None:
-                    module.lora_mid.weight.copy_(mid)
-                module.dora_scale.copy_(g["dora_scale"])
-            keys = set(g)
-        else:
-            cls, params = get_module(sd, name)
-            module = make_module(cls, params, name, by_name[name])
-            keys = {k for k in cls.weight_list if k in g}
-        module.merge_to(1.0)
-        used |= {f"{name}.{k}" for k in keys}
-    return used, set(sd)
 
 
 @pytest.mark.parametrize("algo", list(SPECS))
@@ -233,7 +194,7 @@ def test_export_loads_in_lycoris_to_the_same_merged_weights(algo, tmp_path):
     save_kohya(inj, path, dtype=torch.float32)
     fresh = tiny_unet(0)
     before = {n: m.weight.detach().clone() for n, m in layers(fresh).items()}
-    used, keys = _lycoris_merge(path, fresh)
+    used, keys = lycoris_merge(path, {"lora_unet_" + n.replace(".", "_"): m for n, m in fresh.named_modules()})
     assert used == keys, f"keys LyCORIS did not use: {sorted(keys - used)[:5]}"
     for path_, layer in layers(fresh).items():
         name = "lora_unet_" + path_.replace(".", "_")

@@ -192,7 +192,8 @@ def choose_path(out: int, fan_in: int, rank: int, tokens: int, *, training: bool
                                                                   + gradient back to the factors 4·O·R·I
       bypass:       low-rank path 2·R·T·(I+O) + add O·T  training: + its backward 4·R·T·(I+O) + O·T
 
-    With ``delta_needed`` (DoRA, whose norm needs W+ΔW on both paths) the build cost cancels. Memory follows the
+    With ``delta_needed`` (DoRA, whose norm costs about 2·O·R·I on both paths: building W+ΔW, or its closed form
+    ``lowrank_channel_norm`` on the bypass path) the build cost cancels. Memory follows the
     same split: materialising keeps an O·I weight (and in training its O·I gradient), bypass an R·T activation.
     In training the weight-gradient term makes bypass win for every layer of a Stable-Diffusion U-Net at any
     sensible rank; at inference large-T convs (e.g. 64×64 latents) are cheaper materialised.

@@ -7,7 +7,8 @@ m starts at ‖W‖, so W′ = W at init. The norm is detached (paper §4.3), so
 the numerator. Bypass reuses the base op instead of a second weight:
   axis "out": y = g ⊙ (W x + ΔW x) + b with g = m/‖W+ΔW‖ per output channel (base op run without its bias);
   axis "in":  y = (W + ΔW)(g ⊙ x) + b with g per input channel (scale the input, then the ordinary LoRA bypass).
-Merge caches ‖W+ΔW‖ so that unmerge inverts exactly that factor: W = W′ · ‖W+ΔW‖/m − ΔW.
+The bypass path gets ‖W+ΔW‖ in closed form from the factors (``functional.lowrank_channel_norm``), never
+building W+ΔW. Merge caches ‖W+ΔW‖ so that unmerge inverts exactly that factor: W = W′ · ‖W+ΔW‖/m − ΔW.
 """
 from __future__ import annotations
 
@@ -25,6 +26,15 @@ class DoRA(Adapter):
         with torch.no_grad():
             self.magnitude = nn.Parameter(Fn.channel_norm(base.weight, self.axis).flatten().clone())
         self.register_buffer("merge_norm", None, persistent=False)
+        self._weight_sq: tuple[tuple[int, int], Tensor] | None = None
+
+    def _base_weight_sq(self) -> Tensor:
+        """‖W‖² per channel, recomputed only when the frozen weight changes (merge, load)."""
+        w = self.base.weight
+        key = (w.data_ptr(), w._version)
+        if self._weight_sq is None or self._weight_sq[0] != key:
+            self._weight_sq = (key, Fn.squared_channel_norm(w.detach(), self.axis))
+        return self._weight_sq[1]
 
     def _mag(self) -> Tensor:
         """magnitude shaped to broadcast against the weight: (out, 1, …) or (1, in, …)."""
@@ -47,8 +57,9 @@ class DoRA(Adapter):
     def _bypass(self, x: Tensor) -> Tensor:
         w, bias = self.base.weight, self.base.bias
         with torch.no_grad():
-            norm = Fn.channel_norm(w + self.lora.delta(), self.axis).flatten()
-        g = self.magnitude / norm
+            up, mid, down, scale = self.lora.lora_form()
+            norm = Fn.lowrank_channel_norm(w, self._base_weight_sq(), up, mid, down, scale, self.axis).flatten()
+        g = self.magnitude / norm.to(self.magnitude.dtype)
         if self.info.is_conv:
             g = g[:, None, None]
         if self.axis == "in":

@@ -100,6 +100,51 @@ def channel_norm(weight: Tensor, axis: str) -> Tensor:
     raise ValueError(f"channel_norm: axis must be 'in' or 'out', got {axis!r}")
 
 
+def squared_channel_norm(weight: Tensor, axis: str) -> Tensor:
+    """‖W[o, …]‖² ("out", shape (out,)) or ‖W[:, i, …]‖² ("in", shape (in,)), accumulated in float32 (float64 for
+    float64 weights)."""
+    w = weight.to(torch.promote_types(weight.dtype, torch.float32))
+    dims = tuple(d for d in range(w.dim()) if d != (0 if axis == "out" else 1))
+    return w.pow(2).sum(dims)
+
+
+def lowrank_channel_norm(weight: Tensor, weight_sq: Tensor, up: Tensor, mid: Tensor | None, down: Tensor,
+                         scale: float, axis: str) -> Tensor:
+    """‖W + ΔW‖ per channel of ``axis`` for a LoRA-form ΔW = scale · up @ [mid] @ down, without building W + ΔW.
+
+    With D the down kernel matricised to (R, in, k) (Tucker: D = mid ∘ down; k = kh·kw, 1 for Linear) and
+    s = scale, expanding the square gives, per input channel i and output channel o:
+      ‖W[:, i] + ΔW[:, i]‖² = ‖W[:, i]‖² + 2s Σ_{r,p} D[r,i,p] (upᵀW)[r,i,p] + s² Σ_p D[:,i,p]ᵀ (upᵀup) D[:,i,p]
+      ‖W[o] + ΔW[o]‖²       = ‖W[o]‖²    + 2s up[o]·(W Dᵀ)[o]                + s² up[o]ᵀ (D Dᵀ) up[o]
+    The one large product (upᵀW or W Dᵀ) reads W once and writes R·in·k (or out·R) numbers; building
+    W + ΔW and reducing it writes and reads four full-size weights, which dominated DoRA's step time.
+    weight_sq = ``squared_channel_norm(weight, axis)`` (cached by the caller: W is frozen); its dtype is the
+    accumulation dtype. Returns the norm shaped like ``channel_norm`` ((out, 1[, 1, 1]) or (1, in[, 1, 1])),
+    exact up to rounding of the expansion (float32: relative error ~1e-6 of ‖W‖² while ΔW is not close to −W).
+    """
+    out_ch, in_ch = weight.shape[0], weight.shape[1]
+    acc = weight_sq.dtype
+    up = up.to(acc)
+    if mid is not None:
+        down = torch.einsum("abhw,bi->aihw", mid.to(acc), down.to(acc).flatten(1))
+    d = down.to(acc).reshape(down.shape[0], in_ch, -1)                      # (R, in, k)
+    w2 = weight.reshape(out_ch, -1)                                          # (out, in·k)
+    if axis == "in":
+        m = (up.to(weight.dtype).T @ w2).to(acc).view_as(d)                  # (R, in, k)
+        cross = (d * m).sum((0, 2))
+        gram = up.T @ up
+        quad = (d * (gram @ d.flatten(1)).view_as(d)).sum((0, 2))
+        shape = (1, in_ch, *[1] * (weight.dim() - 2))
+    else:
+        df = d.flatten(1)                                                    # (R, in·k)
+        n = (w2 @ df.to(weight.dtype).T).to(acc)                             # (out, R)
+        cross = (up * n).sum(1)
+        quad = ((up @ (df @ df.T)) * up).sum(1)
+        shape = (out_ch, *[1] * (weight.dim() - 1))
+    sq = weight_sq + (2 * scale) * cross + (scale * scale) * quad
+    return sq.clamp_min(0).sqrt().reshape(shape)
+
+
 def dora_weight(weight: Tensor, delta: Tensor, magnitude: Tensor, axis: str, detach_norm: bool = True) -> Tensor:
     """DoRA effective weight (Liu et al. 2024, eq. 5): W′ = m ⊙ (W + ΔW) / ‖W + ΔW‖, the norm per channel of ``axis``.
 
