@@ -1,9 +1,12 @@
 """Quality and speed of the embedded base model, measured by the toy-world judge.
 
     python bench/bench_embedded.py [--per-prompt 2] [--steps 20] [--guidance 5] [--model DIR] [--prompts N --seed S]
+    python bench/bench_embedded.py --codec [--model DIR]     # the VAE's ceiling: judge its reconstructions
 
 For every shape × colour prompt ("a red star"), samples ``--per-prompt`` images with DPM-Solver++ and asks
 the judge whether it shows the prompted shape, colour, and both. Also times one 64 px image (batch 1).
+``--codec`` instead judges 256 fresh toy-world scenes after a VAE encode -> decode round trip: no sample can be
+judged better than the codec lets it be.
 """
 from __future__ import annotations
 
@@ -18,6 +21,23 @@ from sdtune.models import load
 from sdtune.sample import SampleRequest, generate
 
 
+@torch.no_grad()
+def codec_ceiling(model, judge, n: int = 256, seed: int = 777) -> None:
+    from PIL import Image
+
+    scenes = [s for s, _ in tw.base_dataset(n, seed)]
+    x = torch.from_numpy(tw.to_array([tw.render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    vae = model.pipeline.vae
+    rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    arr = ((rec + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    v = J.judge(judge, [Image.fromarray(a) for a in arr])
+    shape = sum(x.shape == s.shape for x, s in zip(v, scenes)) / n
+    colour = sum(x.colour == s.colour for x, s in zip(v, scenes)) / n
+    both = sum(x.shape == s.shape and x.colour == s.colour for x, s in zip(v, scenes)) / n
+    print(f"| VAE round trip of {n} scenes | shape {shape:.1%} | colour {colour:.1%} | shape+colour {both:.1%} | "
+          f"mean abs error {(rec - x).abs().mean():.4f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--per-prompt", type=int, default=2)
@@ -26,9 +46,13 @@ def main() -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--prompts", type=int, default=64, help="a seeded random subset of the 64 shape × colour prompts")
     p.add_argument("--seed", type=int, default=1000, help="sampling seed of the first image of each prompt")
+    p.add_argument("--codec", action="store_true", help="judge VAE reconstructions of fresh scenes instead")
     a = p.parse_args()
     model = load(a.model)
     judge = J.load()
+    if a.codec:
+        codec_ceiling(model, judge)
+        return
     pairs = [(s, c) for s in tw.SHAPES for c in tw.COLOURS]
     if a.prompts < len(pairs):
         import numpy as np

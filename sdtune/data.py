@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .atomic import atomic_path
+from .atomic import atomic_path, write_text
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -85,18 +85,24 @@ def ensure_class_images(model, folder: str | Path, prompt: str, n: int, *, resol
                         guidance: float, seed: int = 0, progress: bool = True) -> list[Example]:
     """``n`` class images of ``prompt`` in ``folder``, generating the missing ones with the base model.
 
-    The prompt is recorded in ``prompt.txt``; a cache made for another prompt is an error, not silently reused.
-    Each image is written to a temp name and renamed, so a killed run never leaves a half-written image.
+    The prompt and the base model's fingerprint are recorded in ``prompt.txt`` and ``model.txt``: prior
+    preservation must replay *this* model's prior, so a cache made for another prompt or by another base model
+    is an error, not silently reused. Each image is written to a temp name and renamed, so a killed run never
+    leaves a half-written image.
     """
     from .sample import SampleRequest, generate
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    stamp = folder / "prompt.txt"
-    if stamp.exists() and stamp.read_text().strip() != prompt.strip():
-        raise DataError(f"class-image cache {folder} holds images of {stamp.read_text().strip()!r}, not {prompt!r}: "
-                        f"use another prior.class_dir or delete that folder")
-    stamp.write_text(prompt + "\n")
+    stamps = {"prompt.txt": ("prompt", prompt.strip()), "model.txt": ("base model", model.fingerprint())}
+    has_images = any(folder.glob("class_*.png"))
+    for name, (what, value) in stamps.items():
+        found = (folder / name).read_text().strip() if (folder / name).exists() else "unrecorded"
+        if has_images and found != value:
+            raise DataError(f"class-image cache {folder} was made for {what} {found!r}, not {value!r} ({name}): "
+                            f"use another prior.class_dir or delete that folder")
+    for name, (_, value) in stamps.items():
+        write_text(folder / name, value + "\n")
     missing = [i for i in range(n) if not (folder / f"class_{i:05d}.png").exists()]
     if missing:
         from tqdm.auto import tqdm

@@ -235,7 +235,7 @@ def _write(pipe, folder: Path, record: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def pretrain(out: str | Path, *, vae_steps: int = 800, unet_steps: int = 2500, n_images: int = 20000,
+def pretrain(out: str | Path, *, vae_steps: int = 3000, unet_steps: int = 3500, n_images: int = 20000,
              vae_batch: int = 16, unet_batch: int = 64, seed: int = 0, snapshot_every: int = 0) -> Path:
     """Run all stages and write a diffusers StableDiffusionPipeline folder to ``out`` (atomically).
 
@@ -295,8 +295,8 @@ def continue_pretraining(folder: str | Path, *, unet_steps: int, lr: float = 5e-
 def main() -> None:
     p = argparse.ArgumentParser(description="Pretrain the embedded tiny Stable Diffusion on the toy world.")
     p.add_argument("--out", default="assets/tiny-sd")
-    p.add_argument("--vae-steps", type=int, default=800)
-    p.add_argument("--unet-steps", type=int, default=2500)
+    p.add_argument("--vae-steps", type=int, default=3000)
+    p.add_argument("--unet-steps", type=int, default=3500)
     p.add_argument("--images", type=int, default=20000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--continue-from", default=None, help="train an existing pipeline folder further (U-Net + TE)")

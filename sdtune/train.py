@@ -184,6 +184,9 @@ class Trainer:
         self._orders: dict[int, list[int]] = {}
         if acc.is_main_process:
             self._check_disk()
+            atomic_text(self.run_dir / "adapters.txt", self.injection.summary() + "\n")
+            print(f"{len(self.injection.adapters)} adapters, {self.injection.num_params():,} trainable parameters "
+                  f"(per module: {self.run_dir / 'adapters.txt'})", flush=True)
 
     def _optimizer(self, groups) -> torch.optim.Optimizer:
         o = self.cfg.optim

@@ -46,15 +46,17 @@ def test_grid_layout():
 def test_embedded_model_quality_short(tiny_model, judge_model):
     """Short version of the quality figure in bench/RESULTS.md (prompted shape and colour both rendered).
 
-    The shipped model measures 37.5 % here (6/16; chance is 1/64); the issue's bar is 80 %, not met yet (see
-    bench/RESULTS.md). This guards against regressions: a broken model, sampler or judge scores ~0."""
+    The shipped model measures 87.5 % here (14/16; chance is 1/64) and 82.8 % on all 128 samples of
+    bench/RESULTS.md; the issue's bar is 80 %. A broken model, sampler or judge scores ~0; 10/16 leaves room for
+    the run-to-run noise of a 16-sample test (a thread-count change moves a sample or two) while failing a model
+    that renders far under the bar."""
     rng = np.random.default_rng(0)
     pairs = [(tw.SHAPES[i], list(tw.COLOURS)[j]) for i, j in zip(rng.permutation(8), rng.permutation(8))]
     prompts = [f"a {c} {s}" for s, c in pairs]
     samples = generate(tiny_model, SampleRequest(prompts, seed=0, steps=20, guidance=5.0, count=2), progress=False)
     verdicts = J.judge(judge_model, [s.image for s in samples])
     hits = sum(v.shape == p[0] and v.colour == p[1] for v, p in zip(verdicts, [p for p in pairs for _ in range(2)]))
-    assert hits / len(samples) >= 0.25, f"{hits}/{len(samples)}"
+    assert hits >= 10, f"{hits}/{len(samples)}"
 
 
 def test_export_and_inspect_cli_on_the_embedded_model(fresh_tiny_model, tmp_path, capsys):

@@ -95,6 +95,8 @@ def test_short_run_per_algorithm_learns_and_writes_everything(algo, shared, tmp_
     file = read_kohya(out / "adapter.safetensors", trainer.model.components(), trainer.model.arch)
     assert set(file.modules) == set(trainer.injection.adapters)
     assert file.metadata["ss_steps"] == "5"
+    summary = (out / "adapters.txt").read_text()
+    assert f"{trainer.injection.num_params():,}" in summary.splitlines()[-1] and algo in summary
     # the resolved config in the run folder reloads to the same config
     assert loads_config((out / "config.toml").read_text()) == trainer.cfg
 
@@ -251,6 +253,23 @@ def test_data_guards(tmp_path):
         scan_instance_dir(small, 32, prompt=None)
     (small / "tiny.txt").write_text("a sks star\n")
     assert scan_instance_dir(small, 32, prompt=None)[0].caption == "a sks star"
+
+
+def test_class_image_cache_belongs_to_one_prompt_and_one_base_model(fresh_tiny_model, tmp_path):
+    """Prior preservation replays the base model's own prior: a cache made by another model is refused."""
+    from sdtune.data import ensure_class_images
+
+    kw = dict(resolution=64, steps=2, guidance=5.0, progress=False)
+    first = ensure_class_images(fresh_tiny_model, tmp_path, "a star", 1, **kw)
+    stamp = (tmp_path / "class_00000.png").stat().st_mtime_ns
+    assert ensure_class_images(fresh_tiny_model, tmp_path, "a star", 1, **kw) == first      # cached, not redrawn
+    assert (tmp_path / "class_00000.png").stat().st_mtime_ns == stamp
+    with pytest.raises(DataError, match="made for prompt 'a star', not 'a circle'"):
+        ensure_class_images(fresh_tiny_model, tmp_path, "a circle", 1, **kw)
+    with torch.no_grad():
+        fresh_tiny_model.pipeline.unet.conv_out.bias.add_(0.01)
+    with pytest.raises(DataError, match="made for base model .* delete that folder"):
+        ensure_class_images(fresh_tiny_model, tmp_path, "a star", 1, **kw)
 
 
 def test_not_enough_disk_is_an_error_before_training(shared, tmp_path, monkeypatch):
