@@ -5,7 +5,7 @@
     PYTHONPATH=. python bench/bench_fusion.py --smoke --out /tmp/bf        # ~2 min: checks the plumbing only
 
 For each *family* of adapters every concept is trained alone (``sdtune.train.train``) on 12 toy-world instance
-images: ``locon`` (free LoCon: fused with sum / orthogonal / orthogonal-sequential / regmean), ``spectral-slots``
+images with the demo's recipe (attn + resnet + text encoder, lr 3e-3 / 1e-3, 600 steps, batch 4): ``locon`` (free LoCon: fused with sum / orthogonal / orthogonal-sequential / regmean), ``spectral-slots``
 (rotational Spectral, concept k in slot k: fused with sum) and ``ortho-locon`` (LoCon with a frozen down-projection
 from one shared orthogonal basis, concept k takes block k: fused with sum; needs the config's AdapterRule to carry
 ``ortho_basis_seed``/``ortho_index``, else skipped). Then, with ``--per-prompt`` samples per prompt (≥ 32 for the
@@ -63,9 +63,10 @@ def train_concept(token: str, rule: dict, out: Path, a) -> Path:
                   "class_dir": str(out / "class_images" / cls), "num_class_images": a.class_images,
                   "sample_steps": a.sample_steps},
         "adapters": [dict(rule, preset="attn"), dict(rule, preset="resnet")],
-        "optim": {"lr_unet": a.lr},
+        "optim": {"lr_unet": a.lr, "lr_text": a.lr / 3},
         "schedule": {"scheduler": "cosine", "warmup_steps": min(20, a.train_steps // 10)},
-        "train": {"steps": a.train_steps, "batch_size": a.batch, "seed": 0, "min_snr_gamma": 5.0},
+        "train": {"steps": a.train_steps, "batch_size": a.batch, "seed": 0, "min_snr_gamma": 5.0,
+                  "train_text_encoder": True},
         "output": {"dir": str(out / "runs" / f"{rule['algorithm']}-{rule.get('slot', rule.get('ortho_index', 0))}"
                               f"-{token}"), "export_dtype": "fp32"},
     })
@@ -112,9 +113,9 @@ def main() -> None:
     p.add_argument("--concepts", default="sks,qtz")
     p.add_argument("--out", default="outputs/bench_fusion")
     p.add_argument("--model", default=None)
-    p.add_argument("--train-steps", type=int, default=400)
+    p.add_argument("--train-steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=3e-3, help="U-Net lr; the text encoder's is a third (the demo recipe)")
     p.add_argument("--class-images", type=int, default=48)
     p.add_argument("--per-prompt", type=int, default=32)
     p.add_argument("--sample-steps", type=int, default=20)
