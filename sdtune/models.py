@@ -48,7 +48,7 @@ class BaseModel:
         """A short hash of the adapter-targetable weights (names, shapes, dtypes, first values, sums).
 
         Identifies the base model behind caches made from its outputs (class images) without hashing every byte:
-        one pass of sums over the weights, about 0.3 s for SD1.5 on a CPU.
+        one pass of sums over the weights.
         """
         h = hashlib.sha1()
         with torch.no_grad():
