@@ -230,13 +230,13 @@ class LowRank(nn.Module):
         """R of the LoRA form (what the bypass path costs)."""
         raise NotImplementedError
 
-    def path(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:
-        """out + ΔW·x through the LoRA form, without materialising ΔW.
+    def path(self, base: nn.Module, x: Tensor, out: Tensor, form: tuple | None = None) -> Tensor:
+        """out + ΔW·x through the LoRA form (``form``, or ``lora_form()`` when not given), without materialising ΔW.
 
         The up-projection is fused with the addition (addmm / baddbmm), so one full-size output is allocated
         instead of three (up output, scaled copy, sum).
         """
-        up, mid, down, scale = self.lora_form()
+        up, mid, down, scale = form if form is not None else self.lora_form()
         if scale != 1.0:
             up = up * scale
         if not self.info.is_conv:

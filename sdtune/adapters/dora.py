@@ -56,16 +56,16 @@ class DoRA(Adapter):
 
     def _bypass(self, x: Tensor) -> Tensor:
         w, bias = self.base.weight, self.base.bias
+        form = self.lora.lora_form()  # built once: the detached norm and the bypass path both use it
         with torch.no_grad():
-            up, mid, down, scale = self.lora.lora_form()
-            norm = Fn.lowrank_channel_norm(w, self._base_weight_sq(), up, mid, down, scale, self.axis).flatten()
+            norm = Fn.lowrank_channel_norm(w, self._base_weight_sq(), *form, self.axis).flatten()
         g = self.magnitude / norm.to(self.magnitude.dtype)
         if self.info.is_conv:
             g = g[:, None, None]
         if self.axis == "in":
             x = x * g
-            return self.lora.path(self.base, x, self.base(x))
-        z = self.lora.path(self.base, x, _op(self.base, x, w, None))
+            return self.lora.path(self.base, x, self.base(x), form)
+        z = self.lora.path(self.base, x, _op(self.base, x, w, None), form)
         if bias is None:
             return z * g
         return torch.addcmul(bias[:, None, None] if self.info.is_conv else bias, z, g)
