@@ -183,20 +183,20 @@ def cmd_fuse(a) -> int:
 
     weights = [float(w) for w in a.weights.split(",")] if a.weights else None
     prompts = [[q.strip() for q in p.split(";") if q.strip()] for p in a.prompts] if a.prompts else None
-    if prompts is not None and len(prompts) != len(a.adapters):
-        raise ValueError(f"--prompts: {len(prompts)} prompt sets for {len(a.adapters)} adapters (one per adapter, "
-                         f"';' between several prompts of one adapter)")
-    needs_model = a.model or a.merged_model or prompts or any(fusion.is_native(p) for p in a.adapters)
+    a.method = a.method or ("zip" if prompts else "sum")
+    needs_model = a.model or a.merged_model or prompts or a.method == "zip" or any(map(fusion.is_native, a.adapters))
     model = _load_model(a) if needs_model else None
     components = model.components() if model else None
     inputs = [fusion.load_input(p, components, model.arch if model else None) for p in a.adapters]
-    activations = None
-    if prompts:
-        names = sorted({n for i in inputs for n in i.parts})
-        activations = [fusion.capture_activations(model, ps, names, columns=a.columns, steps=a.capture_steps)
-                       for ps in prompts]
-    result = fusion.fuse(inputs, a.method, weights, rank=a.rank, sides=a.sides, mode=a.mode, energy=a.energy,
-                         ridge=a.ridge, activations=activations)
+    options = dict(rank=a.rank, sides=a.sides, mode=a.mode, energy=a.energy, ridge=a.ridge)
+    if model is None:
+        result = fusion.fuse(inputs, a.method, weights, **options)
+    else:
+        from .fusion_zip import ZipOptions
+
+        result = fusion.fuse_on_model(model, inputs, a.method, weights, prompts=prompts, columns=a.columns,
+                                      capture_steps=a.capture_steps, zip_options=ZipOptions(steps=a.zip_steps),
+                                      **options)
     print(fusion.format_report(result, per_layer=not a.totals_only))
     fusion.save_fused(result, a.out, dtype=DTYPES[a.dtype])
     print(f"wrote {a.out}: {len(result.groups())} modules, rank {sum(r.rank for r in result.layers)} in total")
@@ -208,11 +208,15 @@ def cmd_fuse(a) -> int:
 
 
 def _add_fuse(sub) -> None:
+    from .fusion import METHODS
+
     p = sub.add_parser("fuse", help="fuse several adapters into one file, printing per-layer interference")
     p.add_argument("adapters", nargs="+", help="A1111/kohya/LyCORIS .safetensors or native sdtune adapter files")
-    p.add_argument("--method", choices=("sum", "orthogonal", "regmean"), default="orthogonal",
+    p.add_argument("--method", choices=METHODS, default=None,
                    help="sum: weighted ΔW sum; orthogonal: keep each adapter off the others' dominant subspaces; "
-                        "regmean: least-squares ΔW reproducing each concept's outputs (default: orthogonal)")
+                        "regmean: least-squares ΔW reproducing each concept's outputs; zip: ZipLoRA's learned "
+                        "per-column merge, fitted so each concept's prompts denoise as with its adapter alone "
+                        "(needs --prompts) (default: zip with --prompts, else sum: the best measured, bench/RESULTS.md)")
     p.add_argument("--weights", default=None, help="comma-separated strengths, one per adapter (default all 1)")
     p.add_argument("-o", "--out", required=True, help="output .safetensors (A1111 LoRA/LoCon)")
     p.add_argument("--rank", type=int, default=None, help="truncate each fused layer to this rank (error reported)")
@@ -226,6 +230,7 @@ def _add_fuse(sub) -> None:
                    help="one per adapter ('a;b' for several): measure interference (and feed regmean) on the "
                         "activations these prompts produce in the base model, instead of random row-space inputs")
     p.add_argument("--columns", type=int, default=256, help="activation columns kept per layer and concept")
+    p.add_argument("--zip-steps", type=int, default=100, help="zip: merger-fitting steps")
     p.add_argument("--capture-steps", type=int, default=4, help="denoising steps run to capture activations")
     p.add_argument("--totals-only", action="store_true", help="print only the total interference")
     p.add_argument("--merged-model", default=None, metavar="DIR",

@@ -81,10 +81,21 @@ def scan_instance_dir(folder: str | Path, resolution: int, *, prompt: str | None
     return out
 
 
+def class_prompts(prompt: str) -> list[str]:
+    """The alternatives of a class prompt: ``"a circle | a square"`` -> ["a circle", "a square"]. Several
+    alternatives suit styles, whose prior is every subject the style is applied to, not one class."""
+    alternatives = [p.strip() for p in prompt.split("|") if p.strip()]
+    if not alternatives:
+        raise DataError(f"class prompt {prompt!r} is empty")
+    return alternatives
+
+
 def ensure_class_images(model, folder: str | Path, prompt: str, n: int, *, resolution: int, steps: int,
                         guidance: float, seed: int = 0, progress: bool = True) -> list[Example]:
     """``n`` class images of ``prompt`` in ``folder``, generating the missing ones with the base model.
 
+    ``prompt`` may hold k alternatives separated by ``|`` (``class_prompts``): image i shows alternative i mod k
+    with seed ``seed + i // k`` (k = 1: seed + i), so a larger ``n`` later extends the cache without redrawing it.
     The prompt and the base model's fingerprint are recorded in ``prompt.txt`` and ``model.txt``: prior
     preservation must replay *this* model's prior, so a cache made for another prompt or by another base model
     is an error, not silently reused. Each image is written to a temp name and renamed, so a killed run never
@@ -93,6 +104,8 @@ def ensure_class_images(model, folder: str | Path, prompt: str, n: int, *, resol
     from .sample import SampleRequest, generate
 
     folder = Path(folder)
+    alternatives = class_prompts(prompt)
+    k = len(alternatives)
     folder.mkdir(parents=True, exist_ok=True)
     stamps = {"prompt.txt": ("prompt", prompt.strip()), "model.txt": ("base model", model.fingerprint())}
     has_images = any(folder.glob("class_*.png"))
@@ -108,22 +121,23 @@ def ensure_class_images(model, folder: str | Path, prompt: str, n: int, *, resol
         from tqdm.auto import tqdm
 
         print(f"generating {len(missing)} class image(s) of {prompt!r} into {folder} ({n - len(missing)} cached)")
-        runs: list[list[int]] = []  # runs of consecutive indices, ≤ 8 per pipeline call; image i has seed seed + i
-        for i in missing:
-            if runs and runs[-1][-1] == i - 1 and len(runs[-1]) < 8:
+        # runs of images with one prompt and consecutive seeds, ≤ 8 per pipeline call
+        runs: list[list[int]] = []
+        for i in sorted(missing, key=lambda i: (i % k, i)):
+            if runs and runs[-1][-1] == i - k and len(runs[-1]) < 8:
                 runs[-1].append(i)
             else:
                 runs.append([i])
         bar = tqdm(total=len(missing), desc="class images", unit="img", disable=not progress)
         for run in runs:
-            req = SampleRequest(prompts=[prompt], seed=seed + run[0], count=len(run), steps=steps, guidance=guidance,
-                                size=resolution)
+            req = SampleRequest(prompts=[alternatives[run[0] % k]], seed=seed + run[0] // k, count=len(run),
+                                steps=steps, guidance=guidance, size=resolution)
             for i, sample in zip(run, generate(model, req, progress=False)):
                 with atomic_path(folder / f"class_{i:05d}.png") as tmp:
                     sample.image.save(tmp, format="PNG")
             bar.update(len(run))
         bar.close()
-    return [Example(str(folder / f"class_{i:05d}.png"), prompt) for i in range(n)]
+    return [Example(str(folder / f"class_{i:05d}.png"), alternatives[i % k]) for i in range(n)]
 
 
 def load_pixels(path: str, resolution: int, *, crop: str, flip: bool, rng: np.random.Generator | None) -> torch.Tensor:
@@ -237,6 +251,17 @@ class Encoder:
             hidden.append(out.hidden_states[-2])
             pooled = out[0]
         return torch.cat(hidden, dim=-1), pooled
+
+
+def denoise(model, zt: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor:
+    """The U-Net's output for noisy latents ``zt`` (B, C, h, w) at timesteps ``t`` (B,) under ``Encoder.text``'s
+    conditioning; SDXL also gets its micro-conditioning (original size = target size = the image, crop (0, 0))."""
+    extra = {}
+    if pooled is not None:
+        r = zt.shape[-1] * model.pipeline.vae_scale_factor
+        extra["added_cond_kwargs"] = {"text_embeds": pooled,
+                                      "time_ids": torch.tensor([[r, r, 0, 0, r, r]] * len(zt)).to(hidden)}
+    return model.pipeline.unet(zt, t, encoder_hidden_states=hidden, **extra).sample
 
 
 def class_dir_default(output_dir: str | Path, prompt: str) -> Path:

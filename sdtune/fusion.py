@@ -11,6 +11,10 @@ Methods (``METHODS``):
               activations, else truncated to Σ r_i (or ``rank``), the error reported. Measure it on activations
               other than the ones it was fitted on (``remeasure``). (TIES trim/sign-elect was tried and dropped: on
               row-space inputs it interfered more than ``sum``, 0.37/0.48 vs 0.12/0.27, with 31% refactor error.)
+  zip         ZipLoRA's learned merge (``fusion_zip``): per-column merger vectors fitted end to end so that the
+              fused model denoises each concept's prompts like that concept's adapter alone, with a cosine
+              penalty keeping the inputs on different columns; needs the base model and one prompt set per input
+              (``zip_merger``). Exact rank Σ r_i (the merger only rescales ``down``).
 A layer that only one input adapts passes through unchanged (w·ΔW) for every method. Train-time orthogonal
 adapters (Spectral in distinct slots, LoCon with ``ortho_basis_seed``) need no method: fuse them with ``sum``.
 
@@ -23,9 +27,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +40,7 @@ from . import fusion_math as fm
 from .formats import rebuild
 from .formats.reader import read_kohya, target_layer
 
-METHODS = ("sum", "orthogonal", "regmean")
+METHODS = ("sum", "orthogonal", "regmean", "zip")
 _BASE_KEYS = ("ss_new_sd_model_hash", "ss_sd_model_hash", "ss_sd_model_name")
 
 
@@ -218,8 +222,9 @@ def _norm(f: fm.Factors) -> float:
 def fuse(inputs: Sequence[FusionInput], method: str = "sum", weights: Sequence[float] | None = None, *,
          rank: int | None = None, sides: str = "in", mode: str = "symmetric", energy: float = 1.0,
          ridge: float = 0.1, activations: Sequence[Mapping[str, Tensor]] | None = None, samples: int = 64,
-         seed: int = 0) -> FusionResult:
-    """Fuse per layer (see the module docstring). ``activations[i]``: {kohya name: x (fan_in, n)} of concept i."""
+         seed: int = 0, merger: Mapping[str, Mapping[int, Tensor]] | None = None) -> FusionResult:
+    """Fuse per layer (see the module docstring). ``activations[i]``: {kohya name: x (fan_in, n)} of concept i;
+    ``merger``: method zip's {kohya name: {input index: m (fan_in,)}} from ``zip_merger``."""
     if method not in METHODS:
         raise FusionError(f"unknown fusion method {method!r}; expected one of {METHODS}")
     if not inputs:
@@ -227,6 +232,8 @@ def fuse(inputs: Sequence[FusionInput], method: str = "sum", weights: Sequence[f
     weights = [1.0] * len(inputs) if weights is None else [float(w) for w in weights]
     if len(weights) != len(inputs):
         raise FusionError(f"{len(weights)} weights for {len(inputs)} inputs")
+    if method == "zip" and merger is None:
+        raise FusionError("method zip needs merger vectors: learn them with zip_merger (the CLI needs --prompts)")
     if activations is not None and len(activations) != len(inputs):
         raise FusionError(f"{len(activations)} activation sets for {len(inputs)} inputs")
     arch = check_compatible(inputs)
@@ -249,6 +256,10 @@ def fuse(inputs: Sequence[FusionInput], method: str = "sum", weights: Sequence[f
                 error = max(error, err)
         elif method == "orthogonal":
             fused_parts = fm.orthogonal_parts([p.factors for p in parts], ws, sides=sides, mode=mode, energy=energy)
+            up, down, err = fm.compact(*fm.concat(fused_parts, [1.0] * len(parts)), rank)
+            error = max(error, err)
+        elif method == "zip":
+            fused_parts = [(w * p.factors[0], p.factors[1] * merger[name][i]) for i, p, w in zip(present, parts, ws)]
             up, down, err = fm.compact(*fm.concat(fused_parts, [1.0] * len(parts)), rank)
             error = max(error, err)
         else:
@@ -290,6 +301,56 @@ def remeasure(result: FusionResult, inputs: Sequence[FusionInput], activations: 
             x = activations[i].get(report.name)
             report.interference[i] = fm.interference(f, own, x.double()) if x is not None else None
     result.x_source = "activations"
+
+
+# ------------------------------------------------------------------------------------------------ zip merge
+
+def zip_merger(model, inputs: Sequence[FusionInput], prompts: Sequence[Sequence[str]],
+               weights: Sequence[float] | None = None, options=None, *, progress: bool = True):
+    """Learn method zip's merger vectors on the live base ``model`` (``fusion_zip.learn_merger``); prompts[i] are
+    input i's concept prompts. Returns ({kohya name: {input index: m}}, the loss per step)."""
+    from .fusion_zip import learn_merger
+    from .names import name_map
+
+    if len(prompts) != len(inputs):
+        raise FusionError(f"{len(prompts)} prompt sets for {len(inputs)} inputs (zip needs one per input)")
+    weights = [1.0] * len(inputs) if weights is None else [float(w) for w in weights]
+    check_compatible(inputs)
+    table = name_map(model.components(), model.arch)
+    layers = {}
+    for name in dict.fromkeys(n for inp in inputs for n in inp.parts):
+        if name not in table:
+            raise FusionError(f"{name}: no such layer in the base model")
+        parts = [(i, (w * inp.parts[name].factors[0], inp.parts[name].factors[1]))
+                 for i, (inp, w) in enumerate(zip(inputs, weights)) if name in inp.parts]
+        layers[name] = (target_layer(model.components(), *table[name]), parts)
+    return learn_merger(model, layers, prompts, options, progress=progress)
+
+
+def fuse_on_model(model, inputs: Sequence[FusionInput], method: str = "sum", weights: Sequence[float] | None = None,
+                  *, prompts: Sequence[Sequence[str]] | None = None, columns: int = 256, capture_steps: int = 4,
+                  zip_options=None, progress: bool = True, **options) -> FusionResult:
+    """``fuse`` plus what needs the live base model (the one entry point of the CLI and the web UI):
+    with ``prompts`` (one list per input), interference is measured on, and regmean fed, the activations those
+    prompts produce (``capture_activations``); method zip learns its merger from them (``zip_merger``; its loss,
+    first step -> mean of the last 10, goes into the report's options)."""
+    if method == "zip" and not prompts:
+        raise FusionError("method zip learns its merge from each concept's prompts: give one prompt set per adapter "
+                          "(e.g. 'a sks star' and 'a red circle in qtz style;a blue star in qtz style')")
+    activations = merger = losses = None
+    if prompts:
+        names = sorted({n for i in inputs for n in i.parts})
+        activations = [capture_activations(model, ps, names, columns=columns, steps=capture_steps) for ps in prompts]
+    if method == "zip":
+        merger, losses = zip_merger(model, inputs, prompts, weights, zip_options, progress=progress)
+    result = fuse(inputs, method, weights, activations=activations, merger=merger, **options)
+    if losses:
+        from .fusion_zip import mean_cosine
+
+        tail = losses[-10:]
+        result.options["zip_loss"] = f"{losses[0]:.3g} -> {sum(tail) / len(tail):.3g} in {len(losses)} steps"
+        result.options["merger_cos"] = round(mean_cosine(merger), 4)
+    return result
 
 
 # --------------------------------------------------------------------------------------------- activations

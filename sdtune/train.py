@@ -31,6 +31,7 @@ from .data import (
     DreamBoothDataset,
     Encoder,
     class_dir_default,
+    denoise,
     ensure_class_images,
     scan_instance_dir,
 )
@@ -259,13 +260,8 @@ class Trainer:
         noise, t = noise.to(z0), t.to(self.device)
         zt = sched.add_noise(z0, noise, t)
         hidden, pooled = self.encoder.text([ex.caption for _, ex, _, _ in views])
-        extra = {}
-        if pooled is not None:  # SDXL micro-conditioning: original size, crop (0, 0), target size
-            r = self.resolution
-            extra["added_cond_kwargs"] = {"text_embeds": pooled,
-                                          "time_ids": torch.tensor([[r, r, 0, 0, r, r]] * len(z0)).to(hidden)}
         with self.acc.autocast():
-            pred = self.model.pipeline.unet(zt, t, encoder_hidden_states=hidden, **extra).sample
+            pred = denoise(self.model, zt, t, hidden, pooled)
         target = noise if self.prediction == "epsilon" else sched.get_velocity(z0, noise, t)
         per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if cfg.min_snr_gamma:

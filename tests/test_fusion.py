@@ -62,11 +62,29 @@ def load(*paths):
     return [fusion.load_input(p) for p in paths]
 
 
+def merger_for(inputs, seed=0):
+    """Merger vectors of the shape ``zip_merger`` returns: random on layers two inputs share, 1 elsewhere (a layer
+    one input alone adapts is never learned; ``test_zip_...`` checks that on the model)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in {n for i in inputs for n in i.parts}:
+        present = [k for k, i in enumerate(inputs) if name in i.parts]
+        d = inputs[present[0]].parts[name].factors[1].shape[1]
+        out[name] = {k: (0.5 + torch.rand(d, generator=g, dtype=torch.float64)) if len(present) > 1
+                     else torch.ones(d, dtype=torch.float64) for k in present}
+    return out
+
+
+def fuse(inputs, method, weights=None, **kw):
+    """``fusion.fuse``, with merger vectors for method zip."""
+    return fusion.fuse(inputs, method, weights, merger=merger_for(inputs) if method == "zip" else None, **kw)
+
+
 # --- identities -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", METHODS)
 def test_one_adapter_is_unchanged(pair, method):
     d, a, _ = pair
-    res = fusion.fuse(load(d / "a.safetensors"), method)
+    res = fuse(load(d / "a.safetensors"), method)
     assert set(res.fused) == set(a)
     for name, delta in a.items():
         assert rel(res.delta(name), delta) < 1e-6          # float32 file vs float64 reference
@@ -78,7 +96,7 @@ def test_disjoint_layers_are_a_union(comps, tmp_path, method):
     a = write_adapter(comps, tmp_path / "a.safetensors", [("attn", AdapterSpec("locon", rank=2))], 3)
     b = write_adapter(comps, tmp_path / "b.safetensors", [("resnet", AdapterSpec("locon", rank=2))], 4)
     assert not set(a) & set(b)
-    res = fusion.fuse(load(tmp_path / "a.safetensors", tmp_path / "b.safetensors"), method, [1.0, 0.5])
+    res = fuse(load(tmp_path / "a.safetensors", tmp_path / "b.safetensors"), method, [1.0, 0.5])
     assert set(res.fused) == set(a) | set(b)
     for name in a:
         assert rel(res.delta(name), a[name]) < 1e-6
@@ -178,7 +196,7 @@ def test_ortho_locon_down_rows_come_from_one_basis(comps):
 def test_orthogonal_and_regmean_beat_sum_on_overlapping_adapters(pair):
     d, _, _ = pair
     inputs = load(d / "a.safetensors", d / "b.safetensors")
-    totals = {m: fusion.fuse(inputs, m, [1.0, 0.8]).total_interference() for m in METHODS}
+    totals = {m: fusion.fuse(inputs, m, [1.0, 0.8]).total_interference() for m in ("sum", "orthogonal", "regmean")}
     # orthogonal: a weak adapter still removes its row space from a strong one (self-distortion does not shrink
     # with the other's strength), so the claim is on the worst and the mean input, not on each input
     assert max(totals["orthogonal"]) < 0.5 * max(totals["sum"]), totals
@@ -192,7 +210,14 @@ def test_orthogonal_and_regmean_beat_sum_on_overlapping_adapters(pair):
 @pytest.mark.parametrize("method", METHODS)
 def test_output_file_reads_back_as_a1111(pair, tmp_path, method, comps):
     d, _, _ = pair
-    res = fusion.fuse(load(d / "a.safetensors", d / "b.safetensors"), method, [1.0, 0.8])
+    inputs = load(d / "a.safetensors", d / "b.safetensors")
+    res = fuse(inputs, method, [1.0, 0.8])
+    if method == "zip":   # Σ_i w_i ΔW_i diag(m_i) on the shared layers
+        merger = merger_for(inputs)
+        for name in set(inputs[0].parts) & set(inputs[1].parts):
+            ref = sum(w * fm.dense(i.parts[name].factors) * merger[name][k]
+                      for k, (i, w) in enumerate(zip(inputs, [1.0, 0.8])))
+            assert rel(fm.dense(res.fused[name]), ref) < 1e-10
     out = tmp_path / "fused.safetensors"
     md = fusion.save_fused(res, out, dtype=torch.float32)
     back = read_kohya(out, comps, "sd1")                 # strict: every key consumed, every shape fits the model
@@ -277,14 +302,8 @@ def test_cli_writes_the_fused_file(pair, tmp_path, capsys):
 
 
 # --- activations on a real pipeline -----------------------------------------------------------------------
-def test_capture_activations_and_fuse_on_them(tmp_path):
-    from sdtune.models import ModelLoadError
-    from sdtune.models import load as load_model
-
-    try:
-        model = load_model()
-    except ModelLoadError as e:
-        pytest.skip(f"no embedded model: {e}")
+def test_capture_activations_and_fuse_on_them(tiny_model, tmp_path):
+    model = tiny_model
     comps = model.components()
     paths = []
     for k in range(2):
@@ -300,3 +319,82 @@ def test_capture_activations_and_fuse_on_them(tmp_path):
     assert res.x_source == "activations"
     base = fusion.fuse(inputs, "sum", activations=acts)
     assert all(r < s for r, s in zip(res.total_interference(), base.total_interference()))
+
+
+# --- zip: the learned merge, end to end on the embedded model ------------------------------------------------
+def test_zip_merge_beats_sum_on_held_out_noise_and_its_file_is_what_it_learned(tiny_model, tmp_path):
+    """Two random attention adapters that collide on every layer: the learned merger must make the fused *file*
+    denoise each concept's prompt closer to that concept's adapter alone than the plain sum does, on noise and
+    timesteps it was not fitted on; and learning must leave the model as it was."""
+    from sdtune.data import Encoder, denoise
+    from sdtune.formats.reader import apply_file
+    from sdtune.fusion_zip import ZipOptions, mean_cosine
+
+    comps = tiny_model.components()
+    paths = [tmp_path / f"c{k}.safetensors" for k in range(2)]
+    for k, p in enumerate(paths):
+        write_adapter(comps, p, [("attn", AdapterSpec("locon", rank=2))], 30 + k, size=0.6)
+    inputs = [fusion.load_input(p, comps, tiny_model.arch) for p in paths]
+    prompts = [["a sks star"], ["a red circle in qtz style"]]
+    before = {n: p.detach().clone() for n, p in comps["unet"].named_parameters()}
+    grads = {n: p.requires_grad for n, p in comps["unet"].named_parameters()}
+    merger, losses = fusion.zip_merger(tiny_model, inputs, prompts,
+                                       options=ZipOptions(steps=30, lr=0.05, batch=2, latents=4, sample_steps=4),
+                                       progress=False)
+    assert len(losses) == 30
+    assert all(torch.equal(p, before[n]) and p.requires_grad == grads[n] for n, p in comps["unet"].named_parameters())
+    assert not any(h for m in comps["unet"].modules() for h in (m._forward_hooks, m._forward_pre_hooks))
+    assert any((m - 1).abs().max() > 1e-3 for ms in merger.values() for m in ms.values())
+    assert 0 < mean_cosine(merger) < 1 - 1e-4                        # moved off the plain sum (cos = 1)
+    alone, no_steps = fusion.zip_merger(tiny_model, inputs[:1], prompts[:1], progress=False)   # nothing shared
+    assert no_steps == [] and all(torch.equal(m, torch.ones_like(m)) for ms in alone.values() for m in ms.values())
+    files = {m: tmp_path / f"{m}.safetensors" for m in ("sum", "zip")}
+    for method, f in files.items():
+        fusion.save_fused(fusion.fuse(inputs, method, merger=merger if method == "zip" else None), f,
+                          dtype=torch.float32)
+
+    encoder = Encoder(tiny_model, cache_latents=False, cache_text=False, device="cpu")
+    gen = torch.Generator().manual_seed(123)
+    sched = tiny_model.pipeline.scheduler
+
+    @torch.no_grad()
+    def eps(path, zt, t, caps):
+        with apply_file(comps, tiny_model.arch, path):
+            return denoise(tiny_model, zt, t, *encoder.text(caps))
+
+    err = {"sum": 0.0, "zip": 0.0}
+    for path, (prompt,) in zip(paths, prompts):
+        cfg = tiny_model.pipeline.unet.config
+        z0 = torch.randn(4, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=gen) * 0.5
+        t = torch.randint(0, sched.config.num_train_timesteps, (4,), generator=gen)
+        zt = sched.add_noise(z0, torch.randn(z0.shape, generator=gen), t)
+        teacher = eps(path, zt, t, [prompt] * 4)
+        for method, f in files.items():
+            err[method] += float((eps(f, zt, t, [prompt] * 4) - teacher).square().mean())
+    assert err["zip"] < 0.8 * err["sum"], err
+
+
+def test_cli_zip_learns_from_prompts(tiny_model, tmp_path, capsys):
+    from sdtune.cli import main
+
+    paths = [tmp_path / f"c{k}.safetensors" for k in range(2)]
+    for k, p in enumerate(paths):
+        write_adapter(tiny_model.components(), p, [("attn", AdapterSpec("locon", rank=2))], 40 + k)
+    out = tmp_path / "zip.safetensors"
+    args = ["fuse", *map(str, paths), "--method", "zip", "-o", str(out), "--dtype", "fp32", "--totals-only"]
+    assert main(args) == 2 and "give one prompt set per adapter" in capsys.readouterr().err
+    assert main(args + ["--prompts", "a sks star", "a red circle;a blue circle", "--zip-steps", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "'zip_loss'" in text and "in 2 steps" in text and "'merger_cos'" in text
+    assert "captured activations" in text
+    assert set(read_kohya(out, tiny_model.components(), tiny_model.arch).modules) == set(
+        fusion.load_input(paths[0]).parts)
+
+
+def test_zip_needs_its_merger_and_one_prompt_set_per_input(pair, tiny_model):
+    d, _, _ = pair
+    inputs = load(d / "a.safetensors", d / "b.safetensors")
+    with pytest.raises(fusion.FusionError, match="zip needs merger vectors"):
+        fusion.fuse(inputs, "zip")
+    with pytest.raises(fusion.FusionError, match="1 prompt sets for 2 inputs"):
+        fusion.zip_merger(tiny_model, inputs, [["a sks star"]])

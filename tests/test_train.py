@@ -272,6 +272,30 @@ def test_class_image_cache_belongs_to_one_prompt_and_one_base_model(fresh_tiny_m
         ensure_class_images(fresh_tiny_model, tmp_path, "a star", 1, **kw)
 
 
+def test_class_prompt_alternatives_cycle_and_extend_the_cache(fresh_tiny_model, tmp_path):
+    """A style's class prompt lists subjects with '|': image i shows alternative i mod k with seed i // k, so the
+    same image comes out whether it is drawn alone or in a batch, and a larger count only adds images."""
+    from PIL import Image, ImageChops
+
+    from sdtune.data import class_prompts, ensure_class_images
+    from sdtune.sample import SampleRequest, generate
+
+    assert class_prompts(" a circle | a square|") == ["a circle", "a square"]
+    with pytest.raises(DataError, match="empty"):
+        class_prompts(" | ")
+    kw = dict(resolution=64, steps=2, guidance=5.0, progress=False)
+    three = ensure_class_images(fresh_tiny_model, tmp_path, "a circle | a square", 3, **kw)
+    assert [e.caption for e in three] == ["a circle", "a square", "a circle"]
+    stamp = (tmp_path / "class_00001.png").stat().st_mtime_ns
+    five = ensure_class_images(fresh_tiny_model, tmp_path, "a circle | a square", 5, **kw)
+    assert [e.caption for e in five] == ["a circle", "a square", "a circle", "a square", "a circle"]
+    assert (tmp_path / "class_00001.png").stat().st_mtime_ns == stamp
+    # image 3 = the square's second draw: seed 1, as if generated alone
+    alone = generate(fresh_tiny_model, SampleRequest(["a square"], seed=1, count=1, steps=2, guidance=5.0, size=64),
+                     progress=False)[0].image
+    assert ImageChops.difference(Image.open(five[3].path).convert("RGB"), alone.convert("RGB")).getbbox() is None
+
+
 def test_not_enough_disk_is_an_error_before_training(shared, tmp_path, monkeypatch):
     import shutil
 

@@ -118,6 +118,10 @@ def test_blend_and_sample_refuse_bad_requests(studio):
         studio.blend(["a.safetensors"], "", "sum", "b", False)
     with pytest.raises(Refused, match="method"):
         studio.blend(["a.safetensors", "b.safetensors"], "", "magic", "b", False)
+    with pytest.raises(Refused, match="zip learns the blend from each concept's prompts"):
+        studio.blend(["a.safetensors", "b.safetensors"], "", "zip", "b", False, " \n ")
+    with pytest.raises(Refused, match="1 prompt line"):
+        studio.blend(["a.safetensors", "b.safetensors"], "", "zip", "b", False, "a sks star; a star")
     with pytest.raises(Refused, match="prompt"):
         studio.sample("  ", "", 0, 2, 5.0, 0, 1, [], "")
     with pytest.raises(Refused, match="count"):

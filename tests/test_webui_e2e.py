@@ -134,6 +134,7 @@ def test_train_blend_sample_in_a_browser(browser, server, tmp_path):
     page.get_by_role("tab", name="Blend").click()
     pick(page, "#blend-adapters", "sks.safetensors")
     pick(page, "#blend-adapters", "ohwx.safetensors")
+    page.locator("#blend-prompts textarea").fill("a sks star\na ohwx circle")   # interference on their activations
     page.get_by_label("also write a merged checkpoint (base + blend)").check()
     page.locator("#blend-run").click()
     expect(page, "#blend-files", "blend-merged")  # shown as "blend-merged" ".safetensors"

@@ -116,9 +116,13 @@ def build_app(workspace: Path, model_source=None) -> gr.Blocks:
                     blend_weights = gr.Textbox(label="Weights (one per adapter, blank = all 1.0)",
                                                placeholder="1.0, 0.8")
                 with gr.Row():
-                    method = gr.Radio(list(METHODS), value="orthogonal", label="Fusion method")
+                    method = gr.Radio(list(METHODS), value="sum", label="Fusion method (zip: best measured; needs prompts)")
                     blend_name = gr.Textbox("blend", label="Output name", elem_id="blend-name")
                     merged = gr.Checkbox(False, label="also write a merged checkpoint (base + blend)")
+                blend_prompts = gr.Textbox(label="Concept prompts: one line per adapter, ';' between several "
+                                           "(needed by zip; with them, interference is measured on these prompts)",
+                                           lines=2, placeholder="a sks star\na red circle in qtz style; a blue star "
+                                           "in qtz style", elem_id="blend-prompts")
                 blend_btn = gr.Button("Blend", variant="primary", elem_id="blend-run")
                 totals = gr.Dataframe(headers=["adapter", "weight", "interference"], label="Interference "
                                       "‖W_fused·x − W_i·x‖ / ‖ΔW_i·x‖ (0 = untouched)", elem_id="blend-totals")
@@ -192,11 +196,11 @@ def build_app(workspace: Path, model_source=None) -> gr.Blocks:
         timer.tick(on_tick, shown, [progress, loss_plot, preview, shown, *lists], show_progress="hidden")
 
         @_shown
-        def on_blend(picked, weights, meth, name, with_merged):
-            out = studio.blend(picked, weights, meth, name, with_merged)
+        def on_blend(picked, weights, meth, name, with_merged, prompts):
+            out = studio.blend(picked, weights, meth, name, with_merged, prompts)
             return out["totals"], [str(p) for p in out["files"]], out["report"], *refresh()
 
-        blend_btn.click(on_blend, [blend_pick, blend_weights, method, blend_name, merged],
+        blend_btn.click(on_blend, [blend_pick, blend_weights, method, blend_name, merged, blend_prompts],
                         [totals, blend_files, report, *lists])
 
         sample_btn.click(_shown(studio.sample), [prompt, negative, sample_seed, sample_steps, guidance, size, count,

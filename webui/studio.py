@@ -76,19 +76,28 @@ class Studio:
         return "cancelling after the current step…" if self.job.cancel() else "no training is running"
 
     # ---------------------------------------------------------------------------------------------- blend
-    def blend(self, names: list[str], weights: str, method: str, out_name: str, merged: bool) -> dict:
+    def blend(self, names: list[str], weights: str, method: str, out_name: str, merged: bool,
+              prompts: str = "") -> dict:
         """Fuse library adapters into a new library file (and optionally a merged checkpoint); returns the
-        interference report and the files written."""
+        interference report and the files written. ``prompts``: one line per adapter (';' between several of
+        one adapter), required by zip; with them interference is measured on those prompts' activations."""
         if not names or len(names) < 2:
             raise Refused("choose at least two adapters to blend")
         if method not in fusion.METHODS:
             raise Refused(f"unknown fusion method {method!r}; expected one of {', '.join(fusion.METHODS)}")
+        lines = [line for line in (prompts or "").splitlines() if line.strip()]
+        sets = [[q.strip() for q in line.split(";") if q.strip()] for line in lines] or None
+        if sets is not None and len(sets) != len(names):
+            raise Refused(f"{len(sets)} prompt line(s) for {len(names)} adapters: write one line per adapter, in the "
+                          f"order chosen")
+        if method == "zip" and sets is None:
+            raise Refused("zip learns the blend from each concept's prompts: write one line of prompts per adapter")
         paths = [self.ws.adapter(n) for n in names]
         ws_ = parse_weights(weights, len(paths))
         with self._lock:
             model = self.model()
             inputs = [fusion.load_input(p, model.components(), model.arch) for p in paths]
-            result = fusion.fuse(inputs, method, ws_)
+            result = fusion.fuse_on_model(model, inputs, method, ws_, prompts=sets, progress=False)
             out = self.ws.free_name(self.ws.library, out_name or "blend", ".safetensors")
             fusion.save_fused(result, out)
             files = [out]
