@@ -182,7 +182,7 @@ def cmd_fuse(a) -> int:
     from . import fusion
 
     weights = [float(w) for w in a.weights.split(",")] if a.weights else None
-    prompts = [[q.strip() for q in p.split(";") if q.strip()] for p in a.prompts] if a.prompts else None
+    prompts = fusion.prompt_sets(a.prompts or [])
     a.method = a.method or ("zip" if prompts else "sum")
     needs_model = a.model or a.merged_model or prompts or a.method == "zip" or any(map(fusion.is_native, a.adapters))
     model = _load_model(a) if needs_model else None

@@ -327,6 +327,14 @@ def zip_merger(model, inputs: Sequence[FusionInput], prompts: Sequence[Sequence[
     return learn_merger(model, layers, prompts, options, progress=progress)
 
 
+def prompt_sets(texts: Sequence[str]) -> list[list[str]] | None:
+    """One prompt set per text, prompts separated by ';': ["a sks star", "a red circle in qtz style; a blue star
+    in qtz style"] -> [["a sks star"], ["a red circle in qtz style", "a blue star in qtz style"]]. Blank texts are
+    dropped; None when nothing is left."""
+    sets = [[q.strip() for q in text.split(";") if q.strip()] for text in texts if text.strip()]
+    return sets or None
+
+
 def fuse_on_model(model, inputs: Sequence[FusionInput], method: str = "sum", weights: Sequence[float] | None = None,
                   *, prompts: Sequence[Sequence[str]] | None = None, columns: int = 256, capture_steps: int = 4,
                   zip_options=None, progress: bool = True, **options) -> FusionResult:

@@ -85,8 +85,7 @@ class Studio:
             raise Refused("choose at least two adapters to blend")
         if method not in fusion.METHODS:
             raise Refused(f"unknown fusion method {method!r}; expected one of {', '.join(fusion.METHODS)}")
-        lines = [line for line in (prompts or "").splitlines() if line.strip()]
-        sets = [[q.strip() for q in line.split(";") if q.strip()] for line in lines] or None
+        sets = fusion.prompt_sets((prompts or "").splitlines())
         if sets is not None and len(sets) != len(names):
             raise Refused(f"{len(sets)} prompt line(s) for {len(names)} adapters: write one line per adapter, in the "
                           f"order chosen")
