@@ -4,13 +4,13 @@
     PYTHONPATH=. python bench/bench_fusion.py --concepts sks,ohwx,qtz,bnp --out outputs/bench_fusion4 # 4 concepts
     PYTHONPATH=. python bench/bench_fusion.py --smoke --out /tmp/bf        # ~2 min: checks the plumbing only
 
-For each *family* of adapters every concept is trained alone (``sdtune.train.train``) on 12 toy-world instance
-images with the demo's recipe (attn + resnet + text encoder, lr 3e-3 / 1e-3, 600 steps, batch 4; a style's class
-prompts are its own captions without the style, cycled): ``locon`` (free LoCon r8: fused with sum / orthogonal /
-orthogonal-sequential / regmean / zip; zip is fitted on each concept's training captions), ``spectral-slots``
-(rotational Spectral r8 at 3× the lr, concept k in slot k: fused with sum) and ``ortho-locon`` (LoCon r8 with a
-frozen down-projection from one shared orthogonal basis, concept k takes block k: fused with sum). Then, with
-``--per-prompt`` samples per prompt (≥ 32 for the report), the judge reads:
+For each *family* of adapters every concept is trained alone (``sdtune.train.train``) on 12 (``--instances``)
+toy-world instance images with the demo's recipe (attn + resnet + text encoder, lr 3e-3 / 1e-3, 600 steps, batch 4;
+a style's class prompts are its own captions without the style, cycled): ``locon`` (free LoCon r8: fused with sum /
+orthogonal / orthogonal-sequential / regmean / zip; zip is fitted on each concept's training captions),
+``spectral-slots`` (rotational Spectral r8 at 3× the lr, concept k in slot k: fused with sum) and ``ortho-locon``
+(LoCon r8 with a frozen down-projection from one shared orthogonal basis, concept k takes block k: fused with sum).
+Then, with ``--per-prompt`` samples per prompt (≥ 32 for the report), the judge reads:
   solo fidelity     concept present on its own prompt ("a sks star", "a circle in qtz style"): fused / solo adapter
   joint success     both present on an object+style prompt ("a sks star in qtz style"), fused adapter
   prior             class prompts without tokens ("a star", "a red circle"): shape right and no concept leaking,
@@ -61,7 +61,7 @@ def train_concept(token: str, family: str, rule: dict, out: Path, a) -> Path:
         return run / "adapter.safetensors"
     inst = out / "instances" / token
     if not inst.exists():
-        tw.write_instance_folder(token, inst, n=12)
+        tw.write_instance_folder(token, inst, n=a.instances)
     if token in tw.OBJECTS:
         cls = tw.concept_class_word(token)
         class_prompt, class_dir = f"a {cls}", out / "class_images" / cls
@@ -134,6 +134,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3, help="U-Net lr; the text encoder's is a third (the demo recipe)")
     p.add_argument("--class-images", type=int, default=48)
+    p.add_argument("--instances", type=int, default=12, help="instance images per concept")
     p.add_argument("--per-prompt", type=int, default=32)
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=5.0)
