@@ -183,7 +183,6 @@ def cmd_fuse(a) -> int:
 
     weights = [float(w) for w in a.weights.split(",")] if a.weights else None
     prompts = fusion.prompt_sets(a.prompts or [])
-    a.method = a.method or ("zip" if prompts else "sum")
     needs_model = a.model or a.merged_model or prompts or a.method == "zip" or any(map(fusion.is_native, a.adapters))
     model = _load_model(a) if needs_model else None
     components = model.components() if model else None
@@ -212,11 +211,12 @@ def _add_fuse(sub) -> None:
 
     p = sub.add_parser("fuse", help="fuse several adapters into one file, printing per-layer interference")
     p.add_argument("adapters", nargs="+", help="A1111/kohya/LyCORIS .safetensors or native sdtune adapter files")
-    p.add_argument("--method", choices=METHODS, default=None,
+    p.add_argument("--method", choices=METHODS, default="sum",
                    help="sum: weighted ΔW sum; orthogonal: keep each adapter off the others' dominant subspaces; "
                         "regmean: least-squares ΔW reproducing each concept's outputs; zip: ZipLoRA's learned "
                         "per-column merge, fitted so each concept's prompts denoise as with its adapter alone "
-                        "(needs --prompts) (default: zip with --prompts, else sum: the best measured, bench/RESULTS.md)")
+                        "(needs --prompts) (default: sum; zip keeps each concept best, sum renders them together best, "
+                        "bench/RESULTS.md)")
     p.add_argument("--weights", default=None, help="comma-separated strengths, one per adapter (default all 1)")
     p.add_argument("-o", "--out", required=True, help="output .safetensors (A1111 LoRA/LoCon)")
     p.add_argument("--rank", type=int, default=None, help="truncate each fused layer to this rank (error reported)")

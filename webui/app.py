@@ -116,7 +116,7 @@ def build_app(workspace: Path, model_source=None) -> gr.Blocks:
                     blend_weights = gr.Textbox(label="Weights (one per adapter, blank = all 1.0)",
                                                placeholder="1.0, 0.8")
                 with gr.Row():
-                    method = gr.Radio(list(METHODS), value="sum", label="Fusion method (zip: best measured; needs prompts)")
+                    method = gr.Radio(list(METHODS), value="sum", label="Fusion method (zip needs prompts)")
                     blend_name = gr.Textbox("blend", label="Output name", elem_id="blend-name")
                     merged = gr.Checkbox(False, label="also write a merged checkpoint (base + blend)")
                 blend_prompts = gr.Textbox(label="Concept prompts: one line per adapter, ';' between several "
