@@ -6,11 +6,11 @@
 
 For each *family* of adapters every concept is trained alone (``sdtune.train.train``) on 12 (``--instances``)
 toy-world instance images with the demo's recipe (attn + resnet + text encoder, lr 3e-3 / 1e-3, 600 steps, batch 4;
-a style's class prompts are its own captions without the style, cycled): ``locon`` (free LoCon r8: fused with sum /
-orthogonal / orthogonal-sequential / regmean / zip; zip is fitted on each concept's training captions),
-``spectral-slots`` (rotational Spectral r8 at 3× the lr, concept k in slot k: fused with sum) and ``ortho-locon``
-(LoCon r8 with a frozen down-projection from one shared orthogonal basis, concept k takes block k: fused with sum).
-Then, with ``--per-prompt`` samples per prompt (≥ 32 for the report), the judge reads:
+a style's class prompts are its own captions without the style, cycled, or ``--style-prior shapes``): ``locon``
+(free LoCon r8: fused with sum / orthogonal / orthogonal-sequential / regmean / zip; zip is fitted on each concept's
+training captions), ``spectral-slots`` (rotational Spectral r8 at 3× the lr, concept k in slot k: fused with sum)
+and ``ortho-locon`` (LoCon r8 with a frozen down-projection from one shared orthogonal basis, concept k takes block
+k: fused with sum). Then, with ``--per-prompt`` samples per prompt (≥ 32 for the report), the judge reads:
   solo fidelity     concept present on its own prompt ("a sks star", "a circle in qtz style"): fused / solo adapter
   joint success     both present on an object+style prompt ("a sks star in qtz style"), fused adapter
   prior             class prompts without tokens ("a star", "a red circle"): shape right and no concept leaking,
@@ -50,6 +50,11 @@ def joint_pairs(tokens: list[str]) -> list[tuple[str, str]]:
     return [(o, s) for o in tokens if o in tw.OBJECTS for s in tokens if s in tw.STYLES]
 
 
+def instance_captions(out: Path, token: str) -> list[str]:
+    """The distinct captions of a concept's instance images (its training prompts)."""
+    return sorted({c.read_text().strip() for c in (out / "instances" / token).glob("*.txt")})
+
+
 def train_concept(token: str, family: str, rule: dict, out: Path, a) -> Path:
     from sdtune.config import from_dict
     from sdtune.train import train
@@ -65,12 +70,12 @@ def train_concept(token: str, family: str, rule: dict, out: Path, a) -> Path:
     if token in tw.OBJECTS:
         cls = tw.concept_class_word(token)
         class_prompt, class_dir = f"a {cls}", out / "class_images" / cls
-    else:
-        # a style's prior is its own captions without the style: "a red circle in qtz style" -> "a red circle".
-        # (With bare shapes, "a circle | a square | …", the style leaked into every "a red circle": prior 0 %.)
-        captions = sorted({c.read_text().strip() for c in inst.glob("*.txt")})
-        class_prompt = " | ".join(c.replace(f" in {token} style", "") for c in captions)
+    elif a.style_prior == "captions":
+        # a style's prior is its own captions without the style: "a red circle in qtz style" -> "a red circle"
+        class_prompt = " | ".join(c.replace(f" in {token} style", "") for c in instance_captions(out, token))
         class_dir = out / "class_images" / f"unstyled-{token}"
+    else:   # "shapes": the first recipe, measured to leak the style into every "a red circle"
+        class_prompt, class_dir = " | ".join(f"a {s}" for s in tw.SHAPES), out / "class_images" / "shapes"
     cfg = from_dict({
         "model": {"path": a.model} if a.model else {},
         "data": {"instance_dir": str(inst)},
@@ -135,6 +140,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-3, help="U-Net lr; the text encoder's is a third (the demo recipe)")
     p.add_argument("--class-images", type=int, default=48)
     p.add_argument("--instances", type=int, default=12, help="instance images per concept")
+    p.add_argument("--style-prior", choices=("captions", "shapes"), default="captions",
+                   help="a style's class prompts: its captions without the style, or every bare shape")
     p.add_argument("--per-prompt", type=int, default=32)
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=5.0)
@@ -160,15 +167,19 @@ def main() -> None:
     class_prompts = sorted({f"a {tw.OBJECTS[t]}" for t in tokens if t in tw.OBJECTS} | {"a red circle"})
     base = judge_rates(model, judge, [], [], class_prompts, a)
     base_prior = {q: prior_ok(vs, q) for q, vs in base.items()}
-    rows, solo_priors = [], []
+    rows, solo_priors, solo_joint = [], [], []
     for fam, (rules, methods) in fams.items():
         t0 = time.time()
         files = [train_concept(t, fam, r, out, a) for t, r in zip(tokens, rules)]
         print(f"{fam}: trained {len(files)} concepts in {time.time() - t0:.0f}s", flush=True)
-        alone = [judge_rates(model, judge, [f], [1.0], [q] + class_prompts, a) for f, q in zip(files, solo_prompts)]
+        alone = [judge_rates(model, judge, [f], [1.0], [q] + joint_prompts + class_prompts, a)
+                 for f, q in zip(files, solo_prompts)]
         solo = [rate(v[q], lambda v, t=t: present(v, t)) for v, q, t in zip(alone, solo_prompts, tokens)]
         solo_priors.append((fam, [[prior_ok(v[q], q) / max(base_prior[q], 1e-9) for q in class_prompts]
                                   for v in alone]))
+        # what each adapter alone renders of its own concept on the joint prompts: the ceiling of joint success
+        solo_joint.append((fam, [[rate(v[q], lambda x, t=t: present(x, t)) for q in joint_prompts]
+                                 for v, t in zip(alone, tokens)]))
         inputs = [fusion.load_input(f, model.components(), model.arch) for f in files]
         names = sorted({n for i in inputs for n in i.parts})
         # regmean is fitted on one capture (seed 0) and every method is measured on another (seed 1)
@@ -178,8 +189,7 @@ def main() -> None:
             if a.methods and label not in a.methods.split(","):
                 continue
             if kwargs["method"] == "zip":   # fitted on each concept's training captions
-                captions = [sorted({c.read_text().strip() for c in (out / "instances" / t).glob("*.txt")})
-                            for t in tokens]
+                captions = [instance_captions(out, t) for t in tokens]
                 t0 = time.time()
                 options = ZipOptions(steps=a.zip_steps, sample_steps=a.sample_steps)
                 kwargs = dict(kwargs, merger=fusion.zip_merger(model, inputs, captions, options=options,
@@ -211,6 +221,8 @@ def main() -> None:
                      f"{fmt(prior)} | {fmt([x for x in inter if x is not None], False)} |")
     lines += ["", "Prior kept (vs base) under each adapter alone, per class prompt: " + "; ".join(
         f"{fam} {t}: {fmt(ps)}" for fam, per in solo_priors for t, ps in zip(tokens, per)) + "."]
+    lines += ["", "Own concept present on the joint prompts under each adapter alone: " + "; ".join(
+        f"{fam} {t}: {fmt(js)}" for fam, per in solo_joint for t, js in zip(tokens, per)) + "."]
     lines.append("")
     lines.append("Per concept in the order given; joint prompts: " + ", ".join(joint_prompts or ["none"]) +
                  "; class prompts: " + ", ".join(class_prompts) + ".")

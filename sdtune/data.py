@@ -107,7 +107,8 @@ def ensure_class_images(model, folder: str | Path, prompt: str, n: int, *, resol
     alternatives = class_prompts(prompt)
     k = len(alternatives)
     folder.mkdir(parents=True, exist_ok=True)
-    stamps = {"prompt.txt": ("prompt", prompt.strip()), "model.txt": ("base model", model.fingerprint())}
+    # the normalised prompt: "a circle|a square" and "a circle | a square" are one cache
+    stamps = {"prompt.txt": ("prompt", " | ".join(alternatives)), "model.txt": ("base model", model.fingerprint())}
     has_images = any(folder.glob("class_*.png"))
     for name, (what, value) in stamps.items():
         found = (folder / name).read_text().strip() if (folder / name).exists() else "unrecorded"

@@ -305,25 +305,31 @@ def remeasure(result: FusionResult, inputs: Sequence[FusionInput], activations: 
 
 # ------------------------------------------------------------------------------------------------ zip merge
 
+def base_layers(model, names) -> dict[str, nn.Module]:
+    """{kohya name: the base model's Linear/Conv2d}; a FusionError naming up to five names the model lacks."""
+    from .names import name_map
+
+    table = name_map(model.components(), model.arch)
+    missing = [n for n in names if n not in table]
+    if missing:
+        raise FusionError(f"{len(missing)} layer(s) are not in the base model: {', '.join(missing[:5])}")
+    return {n: target_layer(model.components(), *table[n]) for n in names}
+
+
 def zip_merger(model, inputs: Sequence[FusionInput], prompts: Sequence[Sequence[str]],
                weights: Sequence[float] | None = None, options=None, *, progress: bool = True):
     """Learn method zip's merger vectors on the live base ``model`` (``fusion_zip.learn_merger``); prompts[i] are
     input i's concept prompts. Returns ({kohya name: {input index: m}}, the loss per step)."""
     from .fusion_zip import learn_merger
-    from .names import name_map
 
     if len(prompts) != len(inputs):
         raise FusionError(f"{len(prompts)} prompt sets for {len(inputs)} inputs (zip needs one per input)")
     weights = [1.0] * len(inputs) if weights is None else [float(w) for w in weights]
     check_compatible(inputs)
-    table = name_map(model.components(), model.arch)
-    layers = {}
-    for name in dict.fromkeys(n for inp in inputs for n in inp.parts):
-        if name not in table:
-            raise FusionError(f"{name}: no such layer in the base model")
-        parts = [(i, (w * inp.parts[name].factors[0], inp.parts[name].factors[1]))
-                 for i, (inp, w) in enumerate(zip(inputs, weights)) if name in inp.parts]
-        layers[name] = (target_layer(model.components(), *table[name]), parts)
+    found = base_layers(model, list(dict.fromkeys(n for inp in inputs for n in inp.parts)))
+    layers = {name: (layer, [(i, (w * inp.parts[name].factors[0], inp.parts[name].factors[1]))
+                             for i, (inp, w) in enumerate(zip(inputs, weights)) if name in inp.parts])
+              for name, layer in found.items()}
     return learn_merger(model, layers, prompts, options, progress=progress)
 
 
@@ -369,9 +375,7 @@ def capture_activations(model, prompts: Sequence[str], names: Sequence[str], *, 
     """{kohya name: x (fan_in, ≤ columns)}: inputs of the named layers while the base model denoises ``prompts``
     (``steps`` steps, no guidance, latents only), as matricised columns (a conv's unfolded patches), sub-sampled
     uniformly at random (seeded)."""
-    from .names import name_map
-
-    table = name_map(model.components(), model.arch)
+    layers = base_layers(model, names)
     gen = torch.Generator().manual_seed(seed)
     store: dict[str, list[Tensor]] = {}
     handles = []
@@ -390,10 +394,7 @@ def capture_activations(model, prompts: Sequence[str], names: Sequence[str], *, 
         return pre
 
     try:
-        for name in names:
-            if name not in table:
-                raise FusionError(f"{name}: no such layer in the base model")
-            layer = target_layer(model.components(), *table[name])
+        for name, layer in layers.items():
             handles.append(layer.register_forward_pre_hook(hook(name, layer)))
         model.pipeline(list(prompts), num_inference_steps=steps, guidance_scale=1.0, output_type="latent",
                        generator=torch.Generator().manual_seed(seed))
@@ -427,14 +428,8 @@ def save_fused(result: FusionResult, path, *, dtype: torch.dtype = torch.float16
 def merge_into(model, result: FusionResult) -> None:
     """Add the fused ΔW into the base model's weights in place (a merged checkpoint; save it with
     ``model.pipeline.save_pretrained``)."""
-    from .names import name_map
-
-    table = name_map(model.components(), model.arch)
-    missing = [n for n in result.fused if n not in table]
-    if missing:
-        raise FusionError(f"{len(missing)} fused layer(s) are not in the base model: {', '.join(missing[:5])}")
-    for name in result.fused:
-        weight = target_layer(model.components(), *table[name]).weight
+    for name, layer in base_layers(model, list(result.fused)).items():
+        weight = layer.weight
         weight.add_(result.delta(name).reshape(weight.shape).to(weight.dtype))
 
 

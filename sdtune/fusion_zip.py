@@ -118,31 +118,34 @@ def learn_merger(model, layers: Mapping[str, tuple[nn.Module, list[tuple[int, Fa
 
     options = options or ZipOptions()
     hooks = {name: _MergedLayer(layer, parts) for name, (layer, parts) in layers.items()}
+    params = [m for h in hooks.values() for m in h.merger.values() if m.requires_grad]
     grad_state = {p: p.requires_grad for c in model.components().values() for p in c.parameters()}
     for p in grad_state:
         p.requires_grad_(False)
-    gen = torch.Generator().manual_seed(options.seed)
     encoder = Encoder(model, cache_latents=False, cache_text=False, device=model.pipeline.unet.device)
 
-    def eps(mode, caps: list[str], zt: Tensor, t: Tensor) -> Tensor:
+    def set_mode(mode) -> None:
         for h in hooks.values():
             h.mode = mode
+
+    def eps(mode, caps: list[str], zt: Tensor, t: Tensor) -> Tensor:
+        set_mode(mode)
         return denoise(model, zt, t, *encoder.text(caps)).float()
 
-    params = [m for h in hooks.values() for m in h.merger.values() if m.requires_grad]
     losses: list[float] = []
     try:
+        # no shared layer: nothing to learn, every merger stays 1
         tasks = []   # (prompts, teacher-sampled latents z₀, teacher input index)
         with torch.no_grad():
-            for i, ps in enumerate(prompts if params else []):   # no shared layer: nothing to learn
-                for h in hooks.values():
-                    h.mode = i
+            for i, ps in enumerate(prompts if params else []):
+                set_mode(i)
                 reps = [ps[k % len(ps)] for k in range(options.latents)]
                 z0 = model.pipeline(reps, num_inference_steps=options.sample_steps, guidance_scale=options.guidance,
                                     output_type="latent",
                                     generator=torch.Generator().manual_seed(options.seed + i)).images
                 tasks.append((reps, z0.float(), i))
-        opt = torch.optim.Adam(params or [torch.zeros(1)], lr=options.lr)
+        gen = torch.Generator().manual_seed(options.seed)
+        opt = torch.optim.Adam(params, lr=options.lr) if params else None
         for _ in tqdm(range(options.steps if params else 0), desc="zip merge", unit="step", disable=not progress):
             loss = 0.0
             for reps, z0, teacher in tasks:
@@ -155,9 +158,8 @@ def learn_merger(model, layers: Mapping[str, tuple[nn.Module, list[tuple[int, Fa
                 pred = eps("fused", caps, zt, t)
                 loss = loss + F.mse_loss(pred, target) / effect.clamp_min(1e-12) / len(tasks)
             penalty = sum(h.cosine_penalty() for h in hooks.values())
-            total = loss + options.cos_weight * penalty
             opt.zero_grad(set_to_none=True)
-            total.backward()
+            (loss + options.cos_weight * penalty).backward()
             opt.step()
             losses.append(float(loss.detach()))
     finally:

@@ -398,3 +398,16 @@ def test_zip_needs_its_merger_and_one_prompt_set_per_input(pair, tiny_model):
         fusion.fuse(inputs, "zip")
     with pytest.raises(fusion.FusionError, match="1 prompt sets for 2 inputs"):
         fusion.zip_merger(tiny_model, inputs, [["a sks star"]])
+
+
+def test_layers_the_base_model_lacks_are_named(tiny_model, pair):
+    """capture_activations, zip_merger and merge_into all look layers up through base_layers."""
+    with pytest.raises(fusion.FusionError, match="2 layer.s. are not in the base model: lora_unet_nope, lora_te_x"):
+        fusion.base_layers(tiny_model, ["lora_unet_nope", "lora_te_x"])
+    d, _, _ = pair
+    res = fusion.fuse(load(d / "b.safetensors"), "sum")
+    res.fused = {"lora_unet_nope": next(iter(res.fused.values()))}
+    before = {n: p.clone() for n, p in tiny_model.pipeline.unet.named_parameters()}
+    with pytest.raises(fusion.FusionError, match="1 layer.s. are not in the base model: lora_unet_nope"):
+        fusion.merge_into(tiny_model, res)
+    assert all(torch.equal(p, before[n]) for n, p in tiny_model.pipeline.unet.named_parameters())   # nothing merged

@@ -290,6 +290,7 @@ def test_class_prompt_alternatives_cycle_and_extend_the_cache(fresh_tiny_model, 
     five = ensure_class_images(fresh_tiny_model, tmp_path, "a circle | a square", 5, **kw)
     assert [e.caption for e in five] == ["a circle", "a square", "a circle", "a square", "a circle"]
     assert (tmp_path / "class_00001.png").stat().st_mtime_ns == stamp
+    assert ensure_class_images(fresh_tiny_model, tmp_path, "a circle|a square", 5, **kw) == five   # same prompt
     # image 3 = the square's second draw: seed 1, as if generated alone
     alone = generate(fresh_tiny_model, SampleRequest(["a square"], seed=1, count=1, steps=2, guidance=5.0, size=64),
                      progress=False)[0].image
