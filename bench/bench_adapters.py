@@ -1,14 +1,16 @@
 """One training step (forward, backward, AdamW) on the SD1.5-architecture U-Net with random weights, per adapter.
 
-fp32 CPU, batch 1, latents 4×32×32 (256 px), text 1×77×768; adapters on the attn + resnet + sample presets
-(Transformer2DModel, ResnetBlock2D, Down/Upsample2D layers) at rank 16 = alpha for sdtune and the peers.
-Every configuration runs in its own subprocess (fresh allocator state, honest peak RSS); the median of
-``--steps`` steps after ``--warmup`` warm-up steps is reported.
+Default: fp32 CPU, batch 1, latents 4×32×32 (256 px), text 1×77×768 (``--device``, ``--dtype``, ``--batch``,
+``--resolution`` change these; bf16 is torch.autocast over fp32 master weights); adapters on the attn + resnet +
+sample presets (Transformer2DModel, ResnetBlock2D, Down/Upsample2D layers) at rank 16 = alpha for sdtune and the
+peers. Every configuration runs in its own subprocess (fresh allocator state, honest peak RSS; on CUDA also the peak
+of torch.cuda.max_memory_allocated); the median of ``--steps`` steps after ``--warmup`` warm-up steps is reported.
 
     python bench/bench_adapters.py                       # all configs, markdown table on stdout
     python bench/bench_adapters.py --config sdtune-locon --steps 1 --warmup 0     # one config (smoke test)
     python bench/bench_adapters.py --grad-checkpointing --configs sdtune-locon,lycoris-locon-bypass,floor
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python bench/bench_adapters.py   # other allocator
+    python bench/bench_adapters.py --device cuda --dtype bf16 --batch 4 --resolution 512 --steps 10 --warmup 3
 """
 from __future__ import annotations
 
@@ -58,7 +60,7 @@ def _target_names(unet) -> list[str]:
     return [path for p in PRESETS for _, path in preset_targets(p, {"unet": unet})]
 
 
-def _lycoris(unet, name: str) -> tuple[list, dict]:
+def _lycoris(unet, name: str, device: str) -> tuple[list, dict]:
     from lycoris.wrapper import LycorisNetwork
 
     LycorisNetwork.apply_preset({"enable_conv": True, "target_module": [
@@ -68,6 +70,7 @@ def _lycoris(unet, name: str) -> tuple[list, dict]:
                          use_tucker=name == "lycoris-tucker", network_module="lora",
                          weight_decompose=name == "lycoris-dora", bypass_mode=name == "lycoris-locon-bypass")
     net.apply_to()
+    net.to(device)                                      # its modules are not children of the U-Net
     return list(net.parameters()), {"setup_s": time.perf_counter() - t}
 
 
@@ -83,40 +86,50 @@ def _peft(unet, name: str) -> tuple[list, dict]:
     return params, {"setup_s": time.perf_counter() - t}
 
 
-def run_one(name: str, steps: int, warmup: int, grad_ckpt: bool) -> dict:
+def run_one(name: str, steps: int, warmup: int, grad_ckpt: bool, device: str = "cpu", dtype: str = "fp32",
+            batch: int = 1, resolution: int = 256) -> dict:
     import torch
 
     from sdtune.archs import build_unet
 
     torch.manual_seed(0)
-    unet = build_unet("sd1")
+    unet = build_unet("sd1", device=device)             # adapters are built on their base weight's device
     if grad_ckpt:
         unet.enable_gradient_checkpointing()
     with tempfile.TemporaryDirectory() as svd_dir:
         if name.startswith("sdtune-"):
             params, extra = _sdtune(unet, name, svd_dir)
         elif name.startswith("lycoris-"):
-            params, extra = _lycoris(unet, name)
+            params, extra = _lycoris(unet, name, device)
         elif name.startswith("peft-"):
             params, extra = _peft(unet, name)
         else:
             params, extra = [], {"setup_s": 0.0}
-    latents = torch.randn(1, 4, 32, 32)
-    text = torch.randn(1, 77, 768)
-    target = torch.randn(1, 4, 32, 32)
-    timestep = torch.tensor([500])
+    side = resolution // 8
+    latents = torch.randn(batch, 4, side, side, device=device)
+    text = torch.randn(batch, 77, 768, device=device)
+    target = torch.randn(batch, 4, side, side, device=device)
+    timestep = torch.tensor([500], device=device)
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else lambda: None
     times = []
     for i in range(warmup + steps):
         x = latents.clone().requires_grad_(not params)       # the floor: backward to the input only
+        sync()
         t = time.perf_counter()
-        loss = torch.nn.functional.mse_loss(unet(x, timestep, text).sample, target)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            loss = torch.nn.functional.mse_loss(unet(x, timestep, text).sample, target)
         loss.backward()
         if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)
+        sync()
         if i >= warmup:
             times.append(time.perf_counter() - t)
+    if cuda:
+        extra.update(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                     peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20)
     return {"config": name, "s_step": statistics.median(times), "steps": steps,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "trainable": sum(p.numel() for p in params), **extra}
@@ -129,29 +142,50 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--grad-checkpointing", action="store_true")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast, fp32 master weights")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--resolution", type=int, default=256, help="pixels (latents resolution/8); a multiple of 64")
     args = ap.parse_args(argv)
+    if args.resolution % 64:
+        ap.error("--resolution must be a multiple of 64")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            ap.error(f"--device cuda: CUDA is not available to this torch ({torch.__version__})")
+    setting = dict(device=args.device, dtype=args.dtype, batch=args.batch, resolution=args.resolution)
     if args.config:
-        print(json.dumps(run_one(args.config, args.steps, args.warmup, args.grad_checkpointing)))
+        print(json.dumps(run_one(args.config, args.steps, args.warmup, args.grad_checkpointing, **setting)))
         return
     rows = []
     for name in args.configs.split(","):
         cmd = [sys.executable, __file__, "--config", name, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        cmd += [a for k, v in setting.items() for a in (f"--{k}", str(v))]
         cmd += ["--grad-checkpointing"] if args.grad_checkpointing else []
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        path = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if res.returncode != 0:
             print(f"{name} failed:\n{res.stderr[-2000:]}", file=sys.stderr)
             continue
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
     floor = next((r["s_step"] for r in rows if r["config"] == "floor"), None)
+    gpu = next((r for r in rows if "gpu" in r), None)
+    machine = f"{gpu['gpu']}, torch {gpu['torch']}" if gpu else args.device
+    where = "" if setting == dict(device="cpu", dtype="fp32", batch=1, resolution=256) else (
+        f"; {machine}, {args.dtype}, batch {args.batch}, {args.resolution} px")
     print(f"allocator: {os.environ.get('LD_PRELOAD') or 'glibc'}; grad checkpointing: {args.grad_checkpointing}; "
-          f"median of {args.steps} steps after {args.warmup} warm-up\n")
-    print("| configuration | s/step | over floor | trainable params | peak RSS MB | set-up s |")
-    print("|---|---|---|---|---|---|")
+          f"median of {args.steps} steps after {args.warmup} warm-up{where}\n")
+    print("| configuration | s/step | over floor | trainable params | peak RSS MB |" + " peak GPU MB |" * bool(gpu)
+          + " set-up s |")
+    print("|---|---|---|---|---|" + "---|" * bool(gpu) + "---|")
+    nd = 3 if gpu else 2                                # GPU steps are fractions of a second
     for r in rows:
-        over = f"{r['s_step'] - floor:+.2f}" if floor is not None else "—"
+        over = f"{r['s_step'] - floor:+.{nd}f}" if floor is not None else "—"
         setup = f"{r['setup_s']:.1f}" + (f" (cold SVD {r['setup_cold_s']:.1f})" if "setup_cold_s" in r else "")
-        print(f"| {r['config']} | {r['s_step']:.2f} | {over} | {r['trainable']:,} | {r['peak_rss_mb']:,.0f} | {setup} |")
+        mem = f"{r['peak_rss_mb']:,.0f} |" + (f" {r['peak_gpu_mb']:,.0f} |" if gpu else "")
+        print(f"| {r['config']} | {r['s_step']:.{nd}f} | {over} | {r['trainable']:,} | {mem} {setup} |")
 
 
 if __name__ == "__main__":
