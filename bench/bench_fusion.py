@@ -8,9 +8,11 @@ For each *family* of adapters every concept is trained alone (``sdtune.train.tra
 toy-world instance images with the demo's recipe (attn + resnet + text encoder, lr 3e-3 / 1e-3, 600 steps, batch 4;
 a style's class prompts are its own captions without the style, cycled, or ``--style-prior shapes``): ``locon``
 (free LoCon r8: fused with sum / orthogonal / orthogonal-sequential / regmean / zip; zip is fitted on each concept's
-training captions), ``spectral-slots`` (rotational Spectral r8 at 3× the lr, concept k in slot k: fused with sum)
-and ``ortho-locon`` (LoCon r8 with a frozen down-projection from one shared orthogonal basis, concept k takes block
-k: fused with sum). Then, with ``--per-prompt`` samples per prompt (≥ 32 for the report), the judge reads:
+training captions; plus ``composed``, no fused file: ``sdtune.compose`` samples each concept's phrase, bracketed by
+``marked_prompt``, under its own adapter, and prompts without a concept under the base model), ``spectral-slots``
+(rotational Spectral r8 at 3× the lr, concept k in slot k: fused with sum) and ``ortho-locon`` (LoCon r8 with a
+frozen down-projection from one shared orthogonal basis, concept k takes block k: fused with sum). Then, with
+``--per-prompt`` samples per prompt (≥ 32 for the report), the judge reads:
   solo fidelity     concept present on its own prompt ("a sks star", "a circle in qtz style"): fused / solo adapter
   joint success     both present on an object+style prompt ("a sks star in qtz style"), fused adapter
   prior             class prompts without tokens ("a star", "a red circle"): shape right and no concept leaking,
@@ -28,10 +30,9 @@ from pathlib import Path
 
 import torch
 
-from sdtune import fusion
+from sdtune import compose, fusion
 from sdtune import judge as J
 from sdtune import toyworld as tw
-from sdtune.formats.reader import apply_file
 from sdtune.fusion_zip import ZipOptions
 from sdtune.models import load
 from sdtune.sample import SampleRequest, generate
@@ -39,6 +40,15 @@ from sdtune.sample import SampleRequest, generate
 
 def concept_prompt(token: str) -> str:
     return f"a {token} {tw.OBJECTS[token]}" if token in tw.OBJECTS else f"a circle in {token} style"
+
+
+def marked_prompt(prompt: str, tokens: list[str]) -> str:
+    """Each concept's phrase bracketed for ``sdtune.compose``: "a sks star in qtz style" -> "a [1:sks] star
+    [2:in qtz style]"."""
+    for k, t in enumerate(tokens, 1):
+        phrase = t if t in tw.OBJECTS else f"in {t} style"
+        prompt = prompt.replace(phrase, f"[{k}:{phrase}]")
+    return prompt
 
 
 def present(v: J.Verdict, token: str) -> bool:
@@ -56,7 +66,7 @@ def instance_captions(out: Path, token: str) -> list[str]:
 
 
 def train_concept(token: str, family: str, rule: dict, out: Path, a) -> Path:
-    from sdtune.config import from_dict
+    from sdtune.config import apply_override, from_dict
     from sdtune.train import train
 
     rule = dict(rule)
@@ -76,7 +86,7 @@ def train_concept(token: str, family: str, rule: dict, out: Path, a) -> Path:
         class_dir = out / "class_images" / f"unstyled-{token}"
     else:   # "shapes": the first recipe, measured to leak the style into every "a red circle"
         class_prompt, class_dir = " | ".join(f"a {s}" for s in tw.SHAPES), out / "class_images" / "shapes"
-    cfg = from_dict({
+    d = {
         "model": {"path": a.model} if a.model else {},
         "data": {"instance_dir": str(inst)},
         "prior": {"enabled": True, "class_prompt": class_prompt, "class_dir": str(class_dir),
@@ -87,8 +97,10 @@ def train_concept(token: str, family: str, rule: dict, out: Path, a) -> Path:
         "train": {"steps": a.train_steps, "batch_size": a.batch, "seed": 0, "min_snr_gamma": 5.0,
                   "train_text_encoder": True},
         "output": {"dir": str(run), "export_dtype": "fp32"},
-    })
-    return train(cfg, progress=False).kohya
+    }
+    for item in a.style_set if token in tw.STYLES else ():
+        apply_override(d, item)
+    return train(from_dict(d), progress=False).kohya
 
 
 def families(tokens: list[str]) -> dict[str, tuple[list[dict], list[tuple[str, dict]]]]:
@@ -98,7 +110,8 @@ def families(tokens: list[str]) -> dict[str, tuple[list[dict], list[tuple[str, d
         "locon": ([{"algorithm": "locon", "rank": 8} for _ in tokens],
                   plain + [("orthogonal", {"method": "orthogonal"}),
                            ("orthogonal-seq-both", {"method": "orthogonal", "mode": "sequential", "sides": "both"}),
-                           ("regmean", {"method": "regmean"}), ("zip", {"method": "zip"})]),
+                           ("regmean", {"method": "regmean"}), ("zip", {"method": "zip"}),
+                           ("composed", {"method": "composed"})]),
         # rotational: ΔW_k = U_k M_k V_kᵀ on disjoint singular blocks, so the parts are exactly orthogonal; it has
         # only r(r−1) parameters per layer, hence rank 8 (rank 4: 6 %/0 % solo fidelity) and 3× the lr
         "spectral-slots": ([{"algorithm": "spectral", "rank": 8, "spectral_mode": "rotational", "slot": k,
@@ -108,15 +121,13 @@ def families(tokens: list[str]) -> dict[str, tuple[list[dict], list[tuple[str, d
     }
 
 
-def judge_rates(model, judge, files: list[Path], weights: list[float], prompts: list[str], a) -> dict[str, list]:
-    """prompt -> verdicts of ``--per-prompt`` samples with ``files`` applied (none: the base model)."""
-    handles = [apply_file(model.components(), model.arch, f, w) for f, w in zip(files, weights)]
-    try:
-        samples = generate(model, SampleRequest(prompts, seed=7000, steps=a.sample_steps, guidance=a.guidance,
-                                                count=a.per_prompt), progress=False)
-    finally:
-        for h in reversed(handles):
-            h.remove()
+def judge_rates(model, judge, files: list[Path], weights: list[float], prompts: list[str], a, *,
+                composed: bool = False) -> dict[str, list]:
+    """prompt -> verdicts of ``--per-prompt`` samples with ``files`` applied (none: the base model); ``composed``:
+    bracketed prompts are sampled with each file on its own phrase (``sdtune.compose``)."""
+    request = SampleRequest(prompts, seed=a.seed, steps=a.sample_steps, guidance=a.guidance, count=a.per_prompt,
+                            adapters=[(str(f), w) for f, w in zip(files, weights)])
+    samples = (compose.generate if composed else generate)(model, request, progress=False)
     verdicts = J.judge(judge, [s.image for s in samples])
     return {p: verdicts[i * a.per_prompt:(i + 1) * a.per_prompt] for i, p in enumerate(prompts)}
 
@@ -130,7 +141,7 @@ def prior_ok(vs: list, prompt: str) -> float:
     return rate(vs, lambda v: v.shape in prompt and v.object is None and v.style is None)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--concepts", default="sks,qtz")
     p.add_argument("--out", default="outputs/bench_fusion")
@@ -142,7 +153,10 @@ def main() -> None:
     p.add_argument("--instances", type=int, default=12, help="instance images per concept")
     p.add_argument("--style-prior", choices=("captions", "shapes"), default="captions",
                    help="a style's class prompts: its captions without the style, or every bare shape")
+    p.add_argument("--style-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="a training-config override for the style concepts only (repeatable)")
     p.add_argument("--per-prompt", type=int, default=32)
+    p.add_argument("--seed", type=int, default=7000, help="sample k of a prompt uses seed SEED + k")
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--columns", type=int, default=256, help="activation columns per layer and concept")
@@ -151,7 +165,11 @@ def main() -> None:
     p.add_argument("--reuse", action="store_true", help="reuse adapters already trained in --out")
     p.add_argument("--zip-steps", type=int, default=100, help="zip: merger-fitting steps")
     p.add_argument("--smoke", action="store_true", help="tiny settings: checks the plumbing, measures nothing")
-    a = p.parse_args()
+    return p
+
+
+def main() -> None:
+    a = parser().parse_args()
     if a.smoke:
         a.train_steps, a.batch, a.class_images, a.per_prompt, a.sample_steps, a.columns, a.zip_steps = 2, 1, 2, 2, 2, 16, 2
     tokens = a.concepts.split(",")
@@ -195,17 +213,23 @@ def main() -> None:
                 kwargs = dict(kwargs, merger=fusion.zip_merger(model, inputs, captions, options=options,
                                                                progress=False)[0])
                 print(f"{fam}: {label} merger learned in {time.time() - t0:.0f}s", flush=True)
-            res = fusion.fuse(inputs, activations=fit, **kwargs)
-            fusion.remeasure(res, inputs, held)
-            fused = out / "fused" / f"{fam}-{label}.safetensors"
-            fusion.save_fused(res, fused, dtype=torch.float32)
-            verdicts = judge_rates(model, judge, [fused], [1.0], solo_prompts + joint_prompts + class_prompts, a)
+            if kwargs["method"] == "composed":   # no fused file: each adapter on its own phrase while sampling
+                marked = {q: marked_prompt(q, tokens) for q in solo_prompts + joint_prompts}
+                got = judge_rates(model, judge, files, [1.0] * len(files),
+                                  solo_prompts + list(marked.values()) + class_prompts, a, composed=True)
+                verdicts, inter = {q: got[marked.get(q, q)] for q in solo_prompts + joint_prompts + class_prompts}, []
+            else:
+                res = fusion.fuse(inputs, activations=fit, **kwargs)
+                fusion.remeasure(res, inputs, held)
+                fused = out / "fused" / f"{fam}-{label}.safetensors"
+                fusion.save_fused(res, fused, dtype=torch.float32)
+                verdicts = judge_rates(model, judge, [fused], [1.0], solo_prompts + joint_prompts + class_prompts, a)
+                inter = res.total_interference()
             kept = [rate(verdicts[q], lambda v, t=t: present(v, t)) / s if s > 0 else float("nan")
                     for q, t, s in zip(solo_prompts, tokens, solo)]
             joint_ok = [rate(verdicts[q], lambda v, o=o, s=s: v.object == o and v.style == s)
                         for q, (o, s) in zip(joint_prompts, joint)]
             prior = [prior_ok(verdicts[q], q) / max(base_prior[q], 1e-9) for q in class_prompts]
-            inter = res.total_interference()
             for q in joint_prompts + class_prompts:   # what the failures look like
                 seen = Counter(f"{v.shape}/{v.object or '-'}/{v.style or '-'}" for v in verdicts[q])
                 print(f"  {fam}-{label} {q!r}: " + ", ".join(f"{k} {n}" for k, n in seen.most_common(4)), flush=True)

@@ -40,13 +40,15 @@ def _load_model(a):
 # ------------------------------------------------------------------------------------------------ sample
 
 def cmd_sample(a) -> int:
-    from .sample import SampleRequest, generate, save_samples
+    from . import compose, sample
 
-    request = SampleRequest(prompts=a.prompts, negative_prompt=a.negative, seed=a.seed, steps=a.steps,
-                            guidance=a.guidance, size=a.size, count=a.n, adapters=a.adapter)
+    request = sample.SampleRequest(prompts=a.prompts, negative_prompt=a.negative, seed=a.seed, steps=a.steps,
+                                   guidance=a.guidance, size=a.size, count=a.n, adapters=a.adapter)
+    if a.compose:
+        compose.check(a.prompts, len(a.adapter))
     model = _load_model(a)
-    samples = generate(model, request)
-    written = save_samples(samples, request, a.out, model.source)
+    samples = (compose.generate if a.compose else sample.generate)(model, request)
+    written = sample.save_samples(samples, request, a.out, model.source)
     print(f"wrote {len(written['images'])} images and {written['grid']}")
     return 0
 
@@ -63,6 +65,9 @@ def _add_sample(sub) -> None:
     p.add_argument("-o", "--out", default="outputs/samples", help="output folder")
     p.add_argument("--adapter", action="append", default=[], type=_adapter_weight, metavar="FILE[:WEIGHT]",
                    help="apply an A1111/kohya/LyCORIS .safetensors adapter at WEIGHT (default 1); repeatable")
+    p.add_argument("--compose", action="store_true",
+                   help="sample prompts whose concept phrases are bracketed, 'a [sks] star [in qtz style]', with each "
+                        "--adapter (in order, or '[2:...]') applied only to its own phrase (composable diffusion)")
     _add_model_args(p)
     p.set_defaults(func=cmd_sample)
 

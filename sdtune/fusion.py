@@ -324,13 +324,18 @@ def zip_merger(model, inputs: Sequence[FusionInput], prompts: Sequence[Sequence[
 
     if len(prompts) != len(inputs):
         raise FusionError(f"{len(prompts)} prompt sets for {len(inputs)} inputs (zip needs one per input)")
+    return learn_merger(model, weighted_layers(model, inputs, weights), prompts, options, progress=progress)
+
+
+def weighted_layers(model, inputs: Sequence[FusionInput], weights: Sequence[float] | None = None) -> dict:
+    """{kohya name: (base layer of ``model``, [(input index, (w_i·up_i, down_i))])} for every layer an input
+    adapts: what ``fusion_zip.MergedLayer`` hooks onto."""
     weights = [1.0] * len(inputs) if weights is None else [float(w) for w in weights]
     check_compatible(inputs)
     found = base_layers(model, list(dict.fromkeys(n for inp in inputs for n in inp.parts)))
-    layers = {name: (layer, [(i, (w * inp.parts[name].factors[0], inp.parts[name].factors[1]))
-                             for i, (inp, w) in enumerate(zip(inputs, weights)) if name in inp.parts])
-              for name, layer in found.items()}
-    return learn_merger(model, layers, prompts, options, progress=progress)
+    return {name: (layer, [(i, (w * inp.parts[name].factors[0], inp.parts[name].factors[1]))
+                           for i, (inp, w) in enumerate(zip(inputs, weights)) if name in inp.parts])
+            for name, layer in found.items()}
 
 
 def prompt_sets(texts: Sequence[str]) -> list[list[str]] | None:

@@ -60,6 +60,23 @@ def perturb(adapter, seed: int = 1, size: float = 0.3) -> None:
             p.add_(size * noise)
 
 
+def write_adapter(comps, path, rules, seed, *, svd_cache=None, metadata=None, size=0.3):
+    """Attach, perturb (so ΔW ≠ 0), export a kohya file in float32, detach: the model is unchanged afterwards.
+    Returns {kohya name: ΔW (float64)}."""
+    from sdtune.formats.kohya import save_kohya
+    from sdtune.inject import attach
+
+    inj = attach(comps, rules, "sd1", svd_cache_dir=svd_cache)
+    try:
+        for k, a in enumerate(inj.adapters.values()):
+            perturb(a, seed=1000 * seed + k, size=size)
+        deltas = {n: a.delta_weight().detach().double() for n, a in inj.adapters.items()}
+        save_kohya(inj, path, dtype=torch.float32, metadata=metadata)
+    finally:
+        inj.detach()
+    return deltas
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

@@ -13,13 +13,12 @@ import types
 
 import pytest
 import torch
-from helpers_adapters import perturb
+from helpers_adapters import perturb, write_adapter
 from helpers_formats import tiny_components
 
 from sdtune import fusion
 from sdtune import fusion_math as fm
 from sdtune.adapters import AdapterSpec
-from sdtune.formats.kohya import save_kohya
 from sdtune.formats.reader import read_kohya
 from sdtune.inject import attach
 
@@ -33,19 +32,6 @@ def rel(a, b) -> float:
 @pytest.fixture(scope="module")
 def comps():
     return tiny_components()
-
-
-def write_adapter(comps, path, rules, seed, *, svd_cache=None, metadata=None, size=0.3):
-    """Attach, perturb (so ΔW ≠ 0), export in float32, detach: the model is unchanged afterwards."""
-    inj = attach(comps, rules, "sd1", svd_cache_dir=svd_cache)
-    try:
-        for k, a in enumerate(inj.adapters.values()):
-            perturb(a, seed=1000 * seed + k, size=size)
-        deltas = {n: a.delta_weight().detach().double() for n, a in inj.adapters.items()}
-        save_kohya(inj, path, dtype=torch.float32, metadata=metadata)
-    finally:
-        inj.detach()
-    return deltas
 
 
 @pytest.fixture(scope="module")

@@ -126,10 +126,27 @@ def test_blend_and_sample_refuse_bad_requests(studio):
         studio.sample("  ", "", 0, 2, 5.0, 0, 1, [], "")
     with pytest.raises(Refused, match="count"):
         studio.sample("a star", "", 0, 2, 5.0, 0, 1000, [], "")
+    with pytest.raises(Refused, match="needs the adapters"):
+        studio.sample("a [sks] star [in qtz style]", "", 0, 2, 5.0, 0, 1, [], "", True)
     assert parse_weights("", 2) == [1.0, 1.0] and parse_weights("0.5; 1", 2) == [0.5, 1.0]
     for text in ("1", "a, b", "nan, 1"):
         with pytest.raises(Refused, match="weights"):
             parse_weights(text, 2)
+
+
+def test_sample_composed_puts_each_adapter_on_its_phrase(studio, tiny_model, tmp_path):
+    from helpers_adapters import write_adapter
+
+    from sdtune.adapters import AdapterSpec
+
+    for k, name in enumerate(("obj", "sty")):
+        write_adapter(tiny_model.components(), tmp_path / f"{name}.safetensors",
+                      [("attn", AdapterSpec("locon", rank=2))], 70 + k, size=0.5)
+    names = studio.library_import([str(tmp_path / "obj.safetensors"), str(tmp_path / "sty.safetensors")])
+    paths = studio.sample("a [sks] star [in qtz style]\na star", "", 0, 2, 5.0, 0, 2, names, "", True)
+    assert len(paths) == 4 and all(Path(p).is_file() for p in paths)
+    with pytest.raises(Refused, match="among 1..2"):
+        studio.sample("a [sks] star [3:in qtz style]", "", 0, 2, 5.0, 0, 1, names, "", True)
 
 
 def test_config_from_recipe_and_form(studio, images):

@@ -140,6 +140,9 @@ def build_app(workspace: Path, model_source=None) -> gr.Blocks:
                         sample_pick = gr.Dropdown(ws.adapters(), multiselect=True, label="Adapters",
                                                   elem_id="sample-adapters")
                         sample_weights = gr.Textbox(label="Adapter weights (blank = all 1.0)", placeholder="1.0, 0.6")
+                        composed = gr.Checkbox(False, label="Compose: each adapter only on its own [bracketed] phrase, "
+                                                            "in the order picked: 'a [sks] star [in qtz style]'",
+                                               elem_id="sample-compose")
                     with gr.Column():
                         sample_seed = gr.Number(0, label="Seed", precision=0)
                         sample_steps = gr.Slider(1, 150, 20, step=1, label="Steps", elem_id="sample-steps")
@@ -204,7 +207,7 @@ def build_app(workspace: Path, model_source=None) -> gr.Blocks:
                         [totals, blend_files, report, *lists])
 
         sample_btn.click(_shown(studio.sample), [prompt, negative, sample_seed, sample_steps, guidance, size, count,
-                                                 sample_pick, sample_weights], gallery)
+                                                 sample_pick, sample_weights, composed], gallery)
 
         chosen.change(_shown(studio.library_details), chosen, details)
 

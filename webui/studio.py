@@ -10,7 +10,7 @@ import math
 import threading
 from pathlib import Path
 
-from sdtune import fusion
+from sdtune import compose, fusion
 from sdtune.formats.checkpoint import save_merged_checkpoint
 from sdtune.inspect import format_inspection, inspect_file
 from sdtune.sample import SampleRequest, generate, save_samples
@@ -109,8 +109,9 @@ class Studio:
 
     # --------------------------------------------------------------------------------------------- sample
     def sample(self, prompt: str, negative: str, seed: int, steps: int, guidance: float, size: int | None,
-               count: int, names: list[str] | None, weights: str) -> list[str]:
-        """Generate with any number of library adapters applied at their weights; the PNGs (with metadata:
+               count: int, names: list[str] | None, weights: str, composed: bool = False) -> list[str]:
+        """Generate with any number of library adapters applied at their weights (``composed``: prompts with
+        bracketed phrases get each adapter on its own phrase, ``sdtune.compose``); the PNGs (with metadata:
         prompt, seed, adapters) are written to samples/<stamp>/. Returns their paths."""
         prompts = [p.strip() for p in (prompt or "").splitlines() if p.strip()]
         if not prompts:
@@ -125,11 +126,13 @@ class Studio:
         try:
             request = SampleRequest(prompts, negative or "", int(seed), int(steps), float(guidance),
                                     int(size) if size else None, int(count), [(str(p), w) for p, w in zip(paths, ws_)])
+            if composed:
+                compose.check(prompts, len(paths))
         except ValueError as e:
             raise Refused(str(e)) from None
         with self._lock:
             model = self.model()
-            samples = generate(model, request, progress=False)
+            samples = (compose.generate if composed else generate)(model, request, progress=False)
         written = save_samples(samples, request, self.ws.samples / stamp(), model.source)
         return written["images"]
 

@@ -1,0 +1,139 @@
+"""Composed sampling (sdtune/compose.py): prompt parsing, the composed prediction against a reference built from
+``apply_file``, identities with plain sampling, and the CLI."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers_adapters import write_adapter
+
+from sdtune import compose
+from sdtune.adapters import AdapterSpec
+from sdtune.sample import SampleRequest, generate
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model, tmp_path_factory):
+    """Two random adapters of the embedded model: attention + text encoder, and attention + resnet. (Seeded: the
+    factors' init draws from the global generator. Much stronger random updates make the model ill-conditioned, where
+    float rounding alone moves ε̂ by 0.4 %.)"""
+    d = tmp_path_factory.mktemp("compose")
+    comps = tiny_model.components()
+    torch.manual_seed(0)
+    write_adapter(comps, d / "a.safetensors", [("attn", AdapterSpec("locon", rank=2)),
+                                               ("te", AdapterSpec("locon", rank=2))], 60, size=0.3)
+    write_adapter(comps, d / "b.safetensors", [("attn", AdapterSpec("locon", rank=2)),
+                                               ("resnet", AdapterSpec("locon", rank=2))], 61, size=0.3)
+    return d / "a.safetensors", d / "b.safetensors"
+
+
+def pixels(samples) -> np.ndarray:
+    return np.stack([np.asarray(s.image, dtype=np.int16) for s in samples])
+
+
+def same_images(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal up to float rounding (forward hooks vs merged weights) and the uint8 step."""
+    d = np.abs(a - b)
+    return d.mean() < 0.05 and d.max() <= 2
+
+
+def test_parse_marks_each_concepts_phrase():
+    cp = compose.parse("a [sks] star  [in qtz style]", 2)
+    assert cp == compose.ComposedPrompt("a sks star in qtz style", "a star",
+                                        ((0, "a sks star"), (1, "a star in qtz style")))
+    assert compose.parse("[3:in bnp style] a [1:sks] star", 4).views == ((2, "in bnp style a star"),
+                                                                         (0, "a sks star"))
+    assert compose.is_composed("a [sks] star") and not compose.is_composed("a sks star")
+    for bad, why in (("a sks star", "mark each concept"), ("a [1:sks] star [1:in qtz style]", "different adapter"),
+                     ("a [sks] star [3:in qtz style]", "among 1..2"), ("a [0:sks] star", "among 1..2")):
+        with pytest.raises(compose.ComposeError, match=why):
+            compose.parse(bad, 2)
+
+
+def test_one_marked_concept_is_plain_sampling_with_its_adapter(tiny_model, adapters):
+    """"a [sks] star" with one adapter: c = ε̂_1("a sks star") and u = ε̂_1(""), so the composed sampler (forward
+    hooks, its own loop) must draw the images the pipeline draws with the adapter merged into the weights."""
+    a, _ = adapters
+    request = SampleRequest(["a [sks] star"], seed=3, steps=4, count=2, adapters=[(str(a), 0.8)])
+    composed = pixels(compose.generate(tiny_model, request, progress=False))
+    plain = pixels(generate(tiny_model, SampleRequest(["a sks star"], seed=3, steps=4, count=2,
+                                                      adapters=[(str(a), 0.8)]), progress=False))
+    base = pixels(generate(tiny_model, SampleRequest(["a sks star"], seed=3, steps=4, count=2), progress=False))
+    assert np.abs(plain - base).mean() > 5                      # the adapter matters ...
+    assert same_images(composed, plain)                         # ... and both paths agree up to rounding
+
+
+def test_composed_prediction_matches_its_formula(tiny_model, adapters):
+    """One sampler step from the same noise: the composed image equals the one drawn from u + g(c − u) with
+    c = Σ_k ε̂_k(view_k) − (K−1) ε̂_0(neutral) and u = Σ_k ε̂_k("") − (K−1) ε̂_0(""), each ε̂_k computed with
+    adapter k merged by ``apply_file``; the model is left as it was."""
+    from sdtune.data import Encoder, denoise
+    from sdtune.formats.reader import apply_file
+
+    a, b = adapters
+    pipe, comps = tiny_model.pipeline, tiny_model.components()
+    before = {n: p.clone() for c in comps.values() for n, p in c.named_parameters()}
+    request = SampleRequest(["a [sks] star [in qtz style]"], seed=5, steps=1, guidance=4.0, count=2,
+                            adapters=[(str(a), 1.0), (str(b), 0.7)])
+    composed = pixels(compose.generate(tiny_model, request, progress=False))
+    assert all(torch.equal(p, before[n]) for c in comps.values() for n, p in c.named_parameters())
+    assert not any(m._forward_hooks for c in comps.values() for m in c.modules())
+
+    encoder = Encoder(tiny_model, cache_latents=False, cache_text=False, device="cpu")
+    sched = pipe.scheduler
+    sched.set_timesteps(1)
+    t = sched.timesteps[0]
+    shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in (5, 6)])
+    z = z * sched.init_noise_sigma
+    x = sched.scale_model_input(z, t)
+
+    @torch.no_grad()
+    def eps(adapter, text):
+        handles = [apply_file(comps, tiny_model.arch, *adapter)] if adapter else []
+        try:
+            return denoise(tiny_model, x, t.expand(2), *encoder.text([text] * 2))
+        finally:
+            for h in handles:
+                h.remove()
+
+    u = eps((a, 1.0), "") + eps((b, 0.7), "") - eps(None, "")
+    cond = eps((a, 1.0), "a sks star") + eps((b, 0.7), "a star in qtz style") - eps(None, "a star")
+    with torch.no_grad():
+        z1 = sched.step(u + 4.0 * (cond - u), t, z).prev_sample
+        image = pipe.vae.decode(z1 / pipe.vae.config.scaling_factor).sample
+    reference = np.stack([np.asarray(im, dtype=np.int16)
+                          for im in pipe.image_processor.postprocess(image, output_type="pil")])
+    assert same_images(composed, reference)
+    # and the composition is not the plain sum of both adapters
+    summed = pixels(generate(tiny_model, SampleRequest(["a sks star in qtz style"], seed=5, steps=1, guidance=4.0,
+                                                       count=2, adapters=request.adapters), progress=False))
+    assert np.abs(composed - summed).mean() > 2
+
+
+def test_unmarked_prompts_are_the_base_models(tiny_model, adapters):
+    """Adapters act only on their phrases: a prompt without brackets gets none of them."""
+    a, b = adapters
+    request = SampleRequest(["a red circle", "a [sks] star [in qtz style]"], seed=1, steps=2, count=1,
+                            adapters=[(str(a), 1.0), (str(b), 1.0)])
+    out = compose.generate(tiny_model, request, progress=False)
+    assert [s.prompt for s in out] == request.prompts
+    base = generate(tiny_model, SampleRequest(["a red circle"], seed=1, steps=2, count=1), progress=False)
+    assert np.array_equal(pixels(out[:1]), pixels(base))
+    with pytest.raises(compose.ComposeError, match="needs the adapters"):
+        compose.generate(tiny_model, SampleRequest(["a [sks] star"]), progress=False)
+
+
+def test_cli_sample_compose(adapters, tmp_path, capsys):
+    from sdtune.cli import main
+
+    a, b = adapters
+    args = ["sample", "a [sks] star [in qtz style]", "--adapter", str(a), "--adapter", f"{b}:0.5", "--compose",
+            "-n", "2", "--steps", "2", "-o", str(tmp_path / "out")]
+    assert main(args) == 0
+    assert "wrote 2 images" in capsys.readouterr().out and (tmp_path / "out" / "grid.png").is_file()
+    assert main(["sample", "a [sks] star [3:in qtz style]", "--adapter", str(a), "--compose", "-o",
+                 str(tmp_path / "bad")]) == 2
+    assert "among 1..1" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(["sample", "a [sks] star", "--compose", "-o", str(tmp_path / "bad")]) == 2
+    assert "needs the adapters" in capsys.readouterr().err
