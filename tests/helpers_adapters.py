@@ -1,7 +1,9 @@
-"""Shared builders for the adapter/injection tests: small layers, the case table, dense fp64 references."""
+"""Shared builders for the adapter/injection tests: small layers, the case table, dense fp64 references, and
+perturbed adapters (``perturb``, ``perturb_all``, ``write_adapter``)."""
 from __future__ import annotations
 
 import dataclasses
+import zlib
 
 import torch
 from torch import nn
@@ -49,15 +51,18 @@ def make_layer(layer_id: str, dtype=torch.float32, seed: int = 0) -> tuple[nn.Mo
 
 
 @torch.no_grad()
-def perturb(adapter, seed: int = 1, size: float = 0.3) -> None:
-    """Move every trainable tensor off its init, so that ΔW ≠ 0 and every factor matters."""
+def perturb(adapter, seed: int = 1, size: float = 0.3, *, relative: bool = False) -> None:
+    """Move every trainable tensor off its init, so that ΔW ≠ 0 and every factor matters: by ``size`` × N(0, 1), or
+    with ``relative`` by ``size`` × N(0, 1) × the tensor's mean magnitude (0.5 for a zero-init one; what keeps
+    real-size layers well-conditioned)."""
     g = torch.Generator().manual_seed(seed)
-    for _, p in adapter.trainable_named_parameters():
-        noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
-        if p.dim() == 1 and p.numel() and (p > 0).all():        # DoRA magnitude: keep positive
-            p.mul_(1 + 0.2 * noise.tanh())
-        else:
-            p.add_(size * noise)
+    with torch.no_grad():
+        for _, p in adapter.trainable_named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+            if p.dim() == 1 and p.numel() and (p > 0).all():        # DoRA magnitude: keep positive
+                p.mul_(1 + 0.2 * noise.tanh())
+            else:
+                p.add_(size * noise * (p.abs().mean() if p.abs().sum() > 0 else 0.5) if relative else size * noise)
 
 
 def write_adapter(comps, path, rules, seed, *, svd_cache=None, metadata=None, size=0.3):
@@ -75,6 +80,12 @@ def write_adapter(comps, path, rules, seed, *, svd_cache=None, metadata=None, si
     finally:
         inj.detach()
     return deltas
+
+
+def perturb_all(inj) -> None:
+    """``perturb`` every adapter of an Injection by 10 % of its tensors' size, seeded by its kohya name."""
+    for name, adapter in inj.adapters.items():
+        perturb(adapter, seed=zlib.crc32(name.encode()), size=0.1, relative=True)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -183,24 +194,6 @@ def kohya_rebuild(t: dict, W: torch.Tensor) -> torch.Tensor:
             .reshape(merged.shape[1], *[1] * (W.dim() - 1)).transpose(0, 1)
         d = merged * (t["dora_scale"].double() / norm) - W.double()
     return d
-
-
-TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                 attention_head_dim=8, norm_num_groups=16)
-TINY_CLIP = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                 max_position_embeddings=16, vocab_size=100, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-
-
-def tiny_components(seed: int = 0) -> dict[str, nn.Module]:
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**TINY_UNET).eval().requires_grad_(False)
-    te = CLIPTextModel(CLIPTextConfig(**TINY_CLIP)).eval().requires_grad_(False)
-    return {"unet": unet, "text_encoder": te}
 
 
 def tiny_outputs(components: dict[str, nn.Module]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,6 @@
-"""Small real-layout models, adapter perturbation and the LyCORIS merge oracle for tests/test_formats.py and
+"""Small real-layout models and the LyCORIS merge oracle for tests/test_formats.py and
 tests/test_loaders.py."""
 from __future__ import annotations
-
-import zlib
 
 import torch
 from torch import nn
@@ -39,21 +37,6 @@ def layers(module: nn.Module) -> dict[str, nn.Module]:
 
 def rand(*shape, seed=None):
     return torch.randn(*shape) if seed is None else torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def perturb(adapter, seed: int) -> None:
-    """Move every trainable tensor of ``adapter`` off its initial value (zero-init factors included), so ΔW ≠ 0."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in adapter.trainable_named_parameters():
-            step = torch.randn(p.shape, generator=g) * 0.1
-            p.add_(step * (p.abs().mean() if p.abs().sum() > 0 else 0.5))
-
-
-def perturb_all(inj) -> None:
-    """``perturb`` every adapter of an Injection, seeded by its kohya name (reproducible across runs)."""
-    for name, adapter in inj.adapters.items():
-        perturb(adapter, seed=zlib.crc32(name.encode()))
 
 
 def lycoris_merge(path, modules: dict[str, nn.Module]) -> tuple[set[str], set[str]]:

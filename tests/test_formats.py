@@ -12,15 +12,8 @@ import json
 import pytest
 import safetensors.torch
 import torch
-from helpers_formats import (
-    layers,
-    lycoris_merge,
-    perturb,
-    perturb_all,
-    rand,
-    tiny_components,
-    tiny_unet,
-)
+from helpers_adapters import perturb, perturb_all
+from helpers_formats import layers, lycoris_merge, rand, tiny_components, tiny_unet
 from torch import nn
 
 from sdtune.formats import FormatError, read_kohya, rebuild, save_kohya
@@ -499,7 +492,7 @@ def test_native_reload_gives_identical_adapters(tmp_path):
              ("resnet", AdapterSpec("dora", rank=2, tucker=True))]
     inj = attach(comps, rules, "sd1")
     for a in inj.adapters.values():
-        perturb(a, seed=len(a.kohya_name))
+        perturb(a, seed=len(a.kohya_name), size=0.1, relative=True)
     path = tmp_path / "rt.safetensors"
     save_kohya(inj, path, dtype=torch.float32)
     fresh = tiny_components()
@@ -515,7 +508,7 @@ def test_native_reload_gives_identical_adapters(tmp_path):
     inj3 = attach(comps3, [("attn", AdapterSpec("flora", rank=4)), ("sample", AdapterSpec("spectral", rank=2))],
                   "sd1", svd_cache_dir=tmp_path / "svd")
     for a in inj3.adapters.values():
-        perturb(a, seed=len(a.kohya_name))
+        perturb(a, seed=len(a.kohya_name), size=0.1, relative=True)
     folded = tmp_path / "folded.safetensors"
     save_kohya(inj3, folded, dtype=torch.float16)
     with pytest.raises(FormatError, match="sidecar"):

@@ -5,7 +5,8 @@ import json
 
 import pytest
 import torch
-from helpers_adapters import perturb, rel, tiny_components, tiny_outputs
+from helpers_adapters import perturb, rel, tiny_outputs
+from helpers_formats import tiny_components
 from safetensors import safe_open
 
 from sdtune.adapters import Adapter, AdapterSpec

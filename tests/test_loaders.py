@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 import safetensors.torch
 import torch
-from helpers_formats import lycoris_merge, perturb_all
+from helpers_adapters import perturb_all
+from helpers_formats import lycoris_merge
 
 from sdtune.adapters import AdapterSpec
 from sdtune.formats import rebuild, save_kohya

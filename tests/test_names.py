@@ -101,7 +101,7 @@ def test_name_errors():
 
 
 def test_name_map_on_attached_model(tmp_path):
-    from helpers_adapters import tiny_components
+    from helpers_formats import tiny_components
 
     from sdtune.adapters import AdapterSpec
     from sdtune.inject import attach
