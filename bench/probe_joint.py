@@ -16,11 +16,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from bench.bench_fusion import judge_rates, parser as fusion_parser
 from sdtune import judge as J
 from sdtune import toyworld as tw
-from sdtune.formats.reader import apply_file
 from sdtune.models import load
-from sdtune.sample import SampleRequest, generate
 
 
 def without_text_encoder(src: Path, dst: Path) -> Path:
@@ -50,20 +49,12 @@ def main() -> None:
              f"sum, {o} without TE": [obj_no_te, sty_file], f"sum, {s} without TE": [obj_file, sty_no_te],
              "sum, no TE": [obj_no_te, sty_no_te]}
     cases |= {f"fused {f.stem.removeprefix('locon-')}": [f] for f in sorted((out / "fused").glob("locon-*.safetensors"))}
+    settings = fusion_parser().parse_args(["--per-prompt", str(a.n)])
     print("case | " + " | ".join(prompts) + "   (style %, object %)")
     for label, files in cases.items():
-        handles = [apply_file(model.components(), model.arch, f) for f in files]
-        try:
-            samples = generate(model, SampleRequest(prompts, seed=7000, steps=20, guidance=5.0, count=a.n),
-                               progress=False)
-        finally:
-            for h in reversed(handles):
-                h.remove()
-        v = J.judge(judge, [x.image for x in samples])
-        cells = []
-        for i in range(len(prompts)):
-            vs = v[i * a.n:(i + 1) * a.n]
-            cells.append(f"{sum(x.style == s for x in vs) / a.n:.0%}/{sum(x.object == o for x in vs) / a.n:.0%}")
+        rates = judge_rates(model, judge, files, [1.0] * len(files), prompts, settings)
+        cells = [f"{sum(x.style == s for x in rates[q]) / a.n:.0%}/{sum(x.object == o for x in rates[q]) / a.n:.0%}"
+                 for q in prompts]
         print(f"{label} | " + " | ".join(cells), flush=True)
 
 

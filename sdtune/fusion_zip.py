@@ -112,8 +112,8 @@ def learn_merger(model, layers: Mapping[str, tuple[nn.Module, list[tuple[int, Fa
 
     (Tried and dropped: also fitting joint prompts ("a sks star in qtz style") to a composed prediction. With
     every adapter on the whole prompt, ε̂_0 + Σ_i (ε̂_i − ε̂_0), sks + qtz kept 68 % of sks instead of 94 % and joint
-    success fell from 6 % to 0 %. With each adapter on its own phrase (``sdtune.compose``'s target, which renders
-    both in 28 % of samples when sampled directly) it kept 77 % and joint success was 3 %; on random adapters the
+    success fell from 6 % to 0 %. With each adapter on its own phrase (ε̂_0(p) + Σ_i (ε̂_i(view_i) − ε̂_0(neutral)),
+    close to ``sdtune.compose``'s conditional) it kept 77 % and joint success was 3 %; on random adapters the
     fit moved the fused model's error to that target by 3 %, and fitting the factors too did not help: one static
     ΔW cannot route each concept to its phrase. Composed sampling does that at sampling time instead.)
     """
