@@ -98,7 +98,7 @@ def train_concept(token: str, family: str, rule: dict, out: Path, a) -> Path:
                   "train_text_encoder": True},
         "output": {"dir": str(run), "export_dtype": "fp32"},
     }
-    for item in a.style_set if token in tw.STYLES else ():
+    for item in a.style_set if token in tw.STYLES else a.object_set:
         apply_override(d, item)
     return train(from_dict(d), progress=False).kohya
 
@@ -155,6 +155,8 @@ def parser() -> argparse.ArgumentParser:
                    help="a style's class prompts: its captions without the style, or every bare shape")
     p.add_argument("--style-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="a training-config override for the style concepts only (repeatable)")
+    p.add_argument("--object-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="a training-config override for the object concepts only (repeatable)")
     p.add_argument("--per-prompt", type=int, default=32)
     p.add_argument("--seed", type=int, default=7000, help="sample k of a prompt uses seed SEED + k")
     p.add_argument("--sample-steps", type=int, default=20)
