@@ -13,9 +13,8 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from sdtune import fusion
+from bench.probe_joint import without_text_encoder
 from sdtune.formats.reader import apply_file
 from sdtune.models import load
 from sdtune.sample import SampleRequest, generate
@@ -43,13 +42,8 @@ def main() -> None:
     out, model = Path(a.out), load()
     cases = {"base": []} | {f"{r.name} alone": [r / "adapter.safetensors"] for r in sorted(out.glob("runs/locon-*"))}
     cases |= {f"fused {m}": [out / "fused" / f"locon-{m}.safetensors"] for m in ("sum", "zip")}
-    inputs = [fusion.load_input(r / "adapter.safetensors", model.components(), model.arch)
-              for r in sorted(out.glob("runs/locon-*"))]
-    res = fusion.fuse(inputs, "sum")
-    res.fused = {k: v for k, v in res.fused.items() if not k.startswith("lora_te")}
-    no_te = out / "fused" / "locon-sum-no-te.safetensors"
-    fusion.save_fused(res, no_te, dtype=torch.float32)
-    cases["fused sum, text-encoder layers dropped"] = [no_te]
+    cases["fused sum, text-encoder layers dropped"] = [
+        without_text_encoder(out / "fused" / "locon-sum.safetensors", out / "fused" / "locon-sum-no-te.safetensors")]
     for label, files in cases.items():
         print(f"{label}: mean |Δpixel| between the qtz and bnp prompts {difference(model, files, a.n):.2f} / 255",
               flush=True)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .sample import Sample, SampleRequest
 
@@ -98,13 +99,15 @@ def generate(model, request: SampleRequest, *, progress: bool = True) -> list[Sa
             hooks = [MergedLayer(layer, parts) for layer, parts in layers.values()]
             for h in hooks:
                 stack.callback(h.handle.remove)
+            bar = tqdm(total=len(parsed) * request.steps, desc="composed sampling", unit="step", disable=not progress)
             for prompt, cp in parsed.items():
-                by_prompt[prompt] = _composed(model, hooks, cp, prompt, request)
+                by_prompt[prompt] = _composed(model, hooks, cp, prompt, request, bar.update)
+            bar.close()
     return [s for p in request.prompts for s in by_prompt[p]]
 
 
 @torch.no_grad()
-def _composed(model, hooks, cp: ComposedPrompt, prompt: str, request: SampleRequest) -> list[Sample]:
+def _composed(model, hooks, cp: ComposedPrompt, prompt: str, request: SampleRequest, step_done) -> list[Sample]:
     from .data import Encoder, denoise
 
     pipe = model.pipeline
@@ -144,6 +147,7 @@ def _composed(model, hooks, cp: ComposedPrompt, prompt: str, request: SampleRequ
         x = sched.scale_model_input(z, t)
         u = eps(uncond, x, t)
         z = sched.step(u + request.guidance * (eps(cond, x, t) - u), t, z).prev_sample
+        step_done()
     use(None)
     image = pipe.vae.decode(z / pipe.vae.config.scaling_factor).sample
     return [Sample(im, prompt, s) for im, s in zip(pipe.image_processor.postprocess(image, output_type="pil"), seeds)]

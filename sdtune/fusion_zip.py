@@ -54,7 +54,7 @@ class MergedLayer:
 
     def __init__(self, layer: nn.Module, parts: list[tuple[int, Factors]]):
         if isinstance(layer, nn.Conv2d) and layer.groups != 1:
-            raise ValueError("zip merge: grouped convolutions are not supported")
+            raise ValueError("merged low-rank hooks (zip, composed sampling): grouped convolutions are not supported")
         self.layer, self.mode = layer, None
         dev, dt = layer.weight.device, layer.weight.dtype
         self.parts = {i: (up.to(dev, dt), down.to(dev, dt)) for i, (up, down) in parts}
