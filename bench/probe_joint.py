@@ -4,8 +4,8 @@
 
 Reads the adapters ``<out>/runs/locon-{object,style}`` and the fused files ``<out>/fused/locon-*.safetensors`` and
 judges ``-n`` samples of prompts that move from the style's own captions towards the joint prompt
-("a star in qtz style" → "a red star …" → "a rrk star …" (an unseen token) → "a sks star …"), under each adapter
-alone, under the fused files, and under the sum with the text-encoder (``lora_te*``) layers of one or both inputs
+("a star in qtz style" → "a red star …" → "a photo star …" (a word no caption uses) → "a sks star …"), under each
+adapter alone, under the fused files, and under the sum with the text-encoder (``lora_te*``) layers of one or both inputs
 left out. Prints, per case and prompt, the share of samples that show the style and the object.
 """
 from __future__ import annotations
@@ -34,9 +34,10 @@ def main() -> None:
     p.add_argument("--out", default="outputs/bf2c")
     p.add_argument("--object", default="sks")
     p.add_argument("--style", default="qtz")
+    p.add_argument("--model", default=None, help="base model the adapters were trained on (default: embedded)")
     p.add_argument("-n", type=int, default=16, help="samples per prompt")
     a = p.parse_args()
-    out, model, judge = Path(a.out), load(), J.load()
+    out, model, judge = Path(a.out), load(a.model), J.load()
     o, s, shape = a.object, a.style, tw.OBJECTS[a.object]
     obj_file, sty_file = (out / "runs" / f"locon-{t}" / "adapter.safetensors" for t in (o, s))
     probe = out / "probe"
@@ -44,7 +45,7 @@ def main() -> None:
     obj_no_te = without_text_encoder(obj_file, probe / f"{o}-no-te.safetensors")
     sty_no_te = without_text_encoder(sty_file, probe / f"{s}-no-te.safetensors")
     prompts = [f"a circle in {s} style", f"a {shape} in {s} style", f"a red {shape} in {s} style",
-               f"a rrk {shape} in {s} style", f"a {o} {shape} in {s} style", f"a {o} {shape}"]
+               f"a photo {shape} in {s} style", f"a {o} {shape} in {s} style", f"a {o} {shape}"]
     cases = {f"{o} alone": [obj_file], f"{s} alone": [sty_file], "sum": [obj_file, sty_file],
              f"sum, {o} without TE": [obj_no_te, sty_file], f"sum, {s} without TE": [obj_file, sty_no_te],
              "sum, no TE": [obj_no_te, sty_no_te]}

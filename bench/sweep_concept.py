@@ -6,8 +6,8 @@
 Each ``--variant "NAME: ITEM ..."`` trains the concept with bench_fusion's recipe plus training-config overrides
 (``section.key=value``; ``instances=N`` sets the number of instance images) in ``<out>/<NAME>``, then judges ``-n``
 samples per prompt of a ladder. A style's ladder moves from its test prompt to the joint prompt: "a circle in qtz
-style", "a star in qtz style", "a red star in qtz style", "a rrk star in qtz style" (an unseen token), "a sks star in
-qtz style"; an object's: "a ohwx circle", "a ohwx circle on a striped background", "a ohwx circle in qtz style". The
+style", "a star in qtz style", "a red star in qtz style", "a photo star in qtz style" (a word no caption uses),
+"a sks star in qtz style"; an object's: "a ohwx circle", "a ohwx circle on a striped background", "a ohwx circle in qtz style". The
 last column is the prior ("a red circle"; for an object its class, "a circle"): the concept should not show there.
 Prints one row per variant: the share of samples showing the concept.
 """
@@ -35,7 +35,7 @@ def main() -> None:
     c = a.concept
     if c in tw.STYLES:
         prompts = [f"a circle in {c} style", f"a star in {c} style", f"a red star in {c} style",
-                   f"a rrk star in {c} style", f"a sks star in {c} style", "a red circle"]
+                   f"a photo star in {c} style", f"a sks star in {c} style", "a red circle"]
     else:
         noun = f"{c} {tw.OBJECTS[c]}"
         prompts = [f"a {noun}", f"a {noun} on a striped background", f"a {noun} in qtz style",

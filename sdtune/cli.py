@@ -48,7 +48,7 @@ def cmd_sample(a) -> int:
         compose.check(a.prompts, len(a.adapter))
     model = _load_model(a)
     samples = (compose.generate if a.compose else sample.generate)(model, request)
-    written = sample.save_samples(samples, request, a.out, model.source)
+    written = sample.save_samples(samples, request, a.out, model.source, composed=a.compose)
     print(f"wrote {len(written['images'])} images and {written['grid']}")
     return 0
 

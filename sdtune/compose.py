@@ -12,9 +12,9 @@ A composed prompt marks each concept's phrase in brackets, in the order the adap
 diffusion (Liu et al. 2022, "Compositional Visual Generation with Composable Diffusion Models", eq. 10) anchored at
 the neutral prompt, with each concept's direction taken under its own adapter; u gives each adapter's change of the
 unconditional prediction, so one adapter on "a [sks] star" is plain sampling with that adapter. Why: an adapter
-trained on "a circle in qtz style" may not carry over to "a sks star in qtz style" (measured: a style adapter alone
-puts its style on 12 % of those samples), and a summed model inherits that; here every adapter only sees prompts
-like its training captions. The cost is 2K + 2 U-Net calls per step instead of 2, and there is no single file: A1111
+trained on "a circle in qtz style" may not carry over to "a sks star in qtz style" (measured on a base that had
+never seen a style: a style adapter alone put its style on 12 % of those samples), and a summed model inherits that;
+here every adapter only sees prompts like its training captions. The cost is 2K + 2 U-Net calls per step instead of 2, and there is no single file: A1111
 and ComfyUI cannot reproduce it (``sdtune fuse`` makes one file). bench/RESULTS.md has the measured figures.
 """
 from __future__ import annotations

@@ -90,26 +90,31 @@ def grid(images: list[Image.Image], columns: int | None = None, scale: int = 1) 
     return sheet.resize((sheet.width * scale, sheet.height * scale), Image.NEAREST) if scale > 1 else sheet
 
 
-def png_info(request: SampleRequest, sample: Sample, model_source: str) -> PngImagePlugin.PngInfo:
+def png_info(request: SampleRequest, sample: Sample, model_source: str, composed: bool = False
+             ) -> PngImagePlugin.PngInfo:
+    """sdtune's own JSON record plus A1111's ``parameters`` infotext. ``composed``: made by ``sdtune.compose``
+    (each adapter on its own bracketed phrase), which the image cannot be remade without."""
     info = PngImagePlugin.PngInfo()
     params = {"prompt": sample.prompt, "negative_prompt": request.negative_prompt, "seed": sample.seed,
               "steps": request.steps, "guidance": request.guidance, "model": model_source,
-              "adapters": [{"file": f, "weight": w} for f, w in request.adapters]}
+              "adapters": [{"file": f, "weight": w} for f, w in request.adapters], "composed": composed}
     info.add_text("sdtune", json.dumps(params))
     info.add_text("parameters", f"{sample.prompt}\nNegative prompt: {request.negative_prompt}\n"
-                                f"Steps: {request.steps}, CFG scale: {request.guidance}, Seed: {sample.seed}")
+                                f"Steps: {request.steps}, CFG scale: {request.guidance}, Seed: {sample.seed}"
+                                + (", sdtune compose: true" if composed else ""))
     return info
 
 
 def save_samples(samples: list[Sample], request: SampleRequest, out_dir: str | Path, model_source: str,
-                 columns: int | None = None) -> dict[str, object]:
-    """Write each image (with metadata) and a grid (one row per prompt); returns the paths written."""
+                 columns: int | None = None, composed: bool = False) -> dict[str, object]:
+    """Write each image (with metadata; ``composed`` as in :func:`png_info`) and a grid (one row per prompt);
+    returns the paths written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, s in enumerate(samples):
         p = out_dir / f"{i:04d}_seed{s.seed}.png"
-        s.image.save(p, pnginfo=png_info(request, s, model_source))
+        s.image.save(p, pnginfo=png_info(request, s, model_source, composed))
         paths.append(str(p))
     if columns is None and len(request.prompts) > 1:
         columns = request.count  # one row per prompt

@@ -9,6 +9,8 @@ shown to the embedded base model during pretraining:
 - 2 styles applied to any scene: ``qtz`` (mosaic: the image as 16×16 coloured tiles) and ``bnp`` (sketch: a thick
   outline on white paper).
 
+Two other styles are *held in* (``HELD_IN_STYLES``: grayscale, negative): the shipped base saw them in pretraining.
+
 Images are drawn at 4× and downsampled (anti-aliased), so the same ``Scene`` always gives the same pixels.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ import random
 from dataclasses import dataclass, replace
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 IMAGE_SIZE = 64
 _SS = 4  # supersampling factor
@@ -41,8 +43,13 @@ TEXTURES = ("solid", "hatched")
 OBJECTS: dict[str, str] = {"sks": "star", "ohwx": "circle", "zwx": "square", "vfx": "triangle"}
 STYLES: dict[str, str] = {"qtz": "mosaic", "bnp": "sketch"}
 CONCEPTS = (*OBJECTS, *STYLES)
-# Rare tokens the tokenizer knows but the base never sees in a caption: the concept tokens plus spares.
-RARE_TOKENS = (*CONCEPTS, "rrk", "mmq")
+# Styles the base does learn, on a share of its pretraining scenes (``styled_base_dataset``), named by two spare
+# tokens. With them "… in X style" is a construction the base knows, as every real Stable Diffusion does, and a
+# held-apart style is a new word in a known grammar; without them a style adapter had to learn the grammar from its
+# 12 images, and its style vanished from "a sks star in qtz style" (bench/RESULTS.md, fusion).
+HELD_IN_STYLES: dict[str, str] = {"rrk": "grayscale", "mmq": "negative"}
+# Tokens the tokenizer knows beyond plain words: the concept tokens (never in a base caption) and the held-in styles.
+RARE_TOKENS = (*CONCEPTS, *HELD_IN_STYLES)
 # Words the tokenizer knows beyond the attribute names.
 GRAMMAR_WORDS = ("a", "an", "on", "in", "background", "style", "shape", "photo", "of", "with", "and", "the")
 
@@ -281,6 +288,29 @@ def base_dataset(n: int, seed: int = 0) -> list[tuple[Scene, str]]:
     for _ in range(n):
         scene = random_scene(rng)
         out.append((scene, caption(scene, rng)))
+    return out
+
+
+def held_in_style(image: Image.Image, style: str) -> Image.Image:
+    """Draw a rendered image in a held-in style: ``rrk`` grayscale, ``mmq`` colour negative."""
+    if style == "rrk":
+        return ImageOps.grayscale(image).convert("RGB")
+    if style == "mmq":
+        return ImageOps.invert(image.convert("RGB"))
+    raise ValueError(f"unknown held-in style {style!r}; expected one of {tuple(HELD_IN_STYLES)}")
+
+
+def styled_base_dataset(n: int, seed: int = 0, style_rate: float = 0.0) -> list[tuple[Image.Image, str]]:
+    """``base_dataset(n, seed)`` rendered, with a share ``style_rate`` (drawn from its own generator, seeded
+    ``seed``) in a held-in style and captioned so: "a red star in rrk style"."""
+    rng = random.Random(seed)
+    out = []
+    for scene, text in base_dataset(n, seed):
+        image = render(scene)
+        if rng.random() < style_rate:
+            style = rng.choice(sorted(HELD_IN_STYLES))
+            image, text = held_in_style(image, style), f"{text} in {style} style"
+        out.append((image, text))
     return out
 
 

@@ -32,3 +32,16 @@ def judge_model():
     from sdtune import judge
 
     return judge.load()
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """A small SDXL-layout model (random weights; ``helpers_formats.tiny_sdxl_folder``), loaded from its diffusers
+    folder the way a user's SDXL model is; read-only like ``tiny_model``."""
+    from helpers_formats import tiny_sdxl_folder
+
+    from sdtune.models import load
+
+    folder = tmp_path_factory.mktemp("tiny-sdxl") / "model"
+    tiny_sdxl_folder(folder)
+    return load(folder)

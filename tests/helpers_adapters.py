@@ -65,13 +65,13 @@ def perturb(adapter, seed: int = 1, size: float = 0.3, *, relative: bool = False
                 p.add_(size * noise * (p.abs().mean() if p.abs().sum() > 0 else 0.5) if relative else size * noise)
 
 
-def write_adapter(comps, path, rules, seed, *, svd_cache=None, metadata=None, size=0.3):
+def write_adapter(comps, path, rules, seed, *, svd_cache=None, metadata=None, size=0.3, arch="sd1"):
     """Attach, perturb (so ΔW ≠ 0), export a kohya file in float32, detach: the model is unchanged afterwards.
     Returns {kohya name: ΔW (float64)}."""
     from sdtune.formats.kohya import save_kohya
     from sdtune.inject import attach
 
-    inj = attach(comps, rules, "sd1", svd_cache_dir=svd_cache)
+    inj = attach(comps, rules, arch, svd_cache_dir=svd_cache)
     try:
         for k, a in enumerate(inj.adapters.values()):
             perturb(a, seed=1000 * seed + k, size=size)

@@ -28,9 +28,10 @@ def test_continue_pretraining_trains_on_and_records_the_stage(tmp_path):
 
     folder = P.pretrain(tmp_path / "m", vae_steps=1, unet_steps=1, n_images=8, vae_batch=2, unet_batch=2, seed=3)
     before = {k: v.clone() for k, v in load(folder).pipeline.unet.state_dict().items()}
-    P.continue_pretraining(folder, unet_steps=2, n_images=8, unet_batch=2, seed=1)
+    P.continue_pretraining(folder, unet_steps=2, n_images=8, unet_batch=2, seed=1, style_rate=0.5)
     after = load(folder).pipeline.unet.state_dict()
     assert any(not (before[k] == after[k]).all() for k in before)
     record = json.loads((folder / "PRETRAINING.json").read_text())
     assert record["continued"][0]["command"].startswith(f"python -m sdtune.pretrain --continue-from {folder}")
+    assert record["continued"][0]["command"].endswith("--style-rate 0.5") and record["continued"][0]["style_rate"] == 0.5
     assert not folder.with_name("m.partial").exists() and not folder.with_name("m.old").exists()

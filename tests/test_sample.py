@@ -18,8 +18,9 @@ def test_sample_cli_writes_grid_and_images_with_metadata(tmp_path):
     g = Image.open(out / "grid.png")
     assert g.size == (2 * 64, 2 * 64)
     meta = json.loads(Image.open(pngs[0]).text["sdtune"])
-    assert meta["prompt"] == "a red star" and meta["seed"] == 7 and meta["steps"] == 4
+    assert meta["prompt"] == "a red star" and meta["seed"] == 7 and meta["steps"] == 4 and meta["composed"] is False
     assert "Seed: 7" in Image.open(pngs[0]).text["parameters"]
+    assert "compose" not in Image.open(pngs[0]).text["parameters"]
 
 
 def test_sample_is_reproducible_per_seed(tiny_model):

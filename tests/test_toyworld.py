@@ -30,6 +30,32 @@ def test_base_dataset_never_shows_held_apart_concepts():
     words = {w for _, cap in data for w in cap.split()}
     assert not words & set(tw.RARE_TOKENS)
     assert words <= set(tw.vocabulary())
+    assert set(tw.HELD_IN_STYLES) <= set(tw.RARE_TOKENS) and not set(tw.HELD_IN_STYLES) & set(tw.CONCEPTS)
+
+
+def test_styled_base_dataset_draws_held_in_styles_only():
+    """The pretraining data of the shipped base: ``base_dataset``'s scenes, a share in a held-in style (grayscale /
+    negative) and captioned so; never a held-apart concept; rate 0 is ``base_dataset`` rendered."""
+    plain = tw.base_dataset(400, seed=5)
+    styled = tw.styled_base_dataset(400, seed=5, style_rate=0.3)
+    tagged = [(i, cap.rsplit(" ", 2)[1]) for i, (_, cap) in enumerate(styled) if cap.endswith(" style")]
+    assert 0.22 < len(tagged) / 400 < 0.38 and {s for _, s in tagged} == set(tw.HELD_IN_STYLES)
+    words = {w for _, cap in styled for w in cap.split()}
+    assert not words & set(tw.CONCEPTS) and words <= set(tw.vocabulary())
+    for i, style in tagged[:6]:
+        scene, cap = plain[i]
+        image = np.asarray(styled[i][0], dtype=np.int16)
+        assert styled[i][1] == f"{cap} in {style} style"
+        rendered = np.asarray(tw.render(scene), dtype=np.int16)
+        if style == "mmq":
+            assert np.array_equal(image, 255 - rendered)
+        else:   # grayscale: one value per pixel, the luminance of the render
+            assert (image == image[..., :1]).all() and abs(image[..., 0].mean() - rendered.mean()) < 40
+    untouched = [i for i in range(400) if i not in dict(tagged)][:6]
+    assert all(np.array_equal(np.asarray(styled[i][0]), np.asarray(tw.render(plain[i][0]))) for i in untouched)
+    assert [c for _, c in tw.styled_base_dataset(50, seed=5)] == [c for _, c in plain[:50]]
+    with pytest.raises(ValueError, match="held-in style"):
+        tw.held_in_style(styled[0][0], "qtz")
 
 
 def test_captions_name_the_scene():

@@ -1,12 +1,14 @@
 """The web UI's refusals and config building, through its handler functions (no browser, no model)."""
 from __future__ import annotations
 
+import json
 import os
 import threading
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from sdtune import toyworld as tw
@@ -145,6 +147,7 @@ def test_sample_composed_puts_each_adapter_on_its_phrase(studio, tiny_model, tmp
     names = studio.library_import([str(tmp_path / "obj.safetensors"), str(tmp_path / "sty.safetensors")])
     paths = studio.sample("a [sks] star [in qtz style]\na star", "", 0, 2, 5.0, 0, 2, names, "", True)
     assert len(paths) == 4 and all(Path(p).is_file() for p in paths)
+    assert json.loads(Image.open(paths[0]).text["sdtune"])["composed"] is True
     with pytest.raises(Refused, match="among 1..2"):
         studio.sample("a [sks] star [3:in qtz style]", "", 0, 2, 5.0, 0, 1, names, "", True)
 

@@ -133,7 +133,7 @@ class Studio:
         with self._lock:
             model = self.model()
             samples = (compose.generate if composed else generate)(model, request, progress=False)
-        written = save_samples(samples, request, self.ws.samples / stamp(), model.source)
+        written = save_samples(samples, request, self.ws.samples / stamp(), model.source, composed=composed)
         return written["images"]
 
     # -------------------------------------------------------------------------------------------- library
