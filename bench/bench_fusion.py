@@ -5,8 +5,8 @@
     PYTHONPATH=. python bench/bench_fusion.py --smoke --out /tmp/bf        # ~2 min: checks the plumbing only
 
 For each *family* of adapters every concept is trained alone (``sdtune.train.train``) on 12 (``--instances``)
-toy-world instance images with the demo's recipe (attn + resnet + text encoder, lr 3e-3 / 1e-3, 600 steps, batch 4;
-a style's class prompts are its own captions without the style, cycled, or ``--style-prior shapes``): ``locon``
+toy-world instance images with the demo's first recipe (attn + resnet + text encoder, lr 3e-3 / 1e-3, 600 steps,
+batch 4; a style's class prompts are its own captions without the style, cycled, or ``--style-prior shapes``): ``locon``
 (free LoCon r8: fused with sum / orthogonal / orthogonal-sequential / regmean / zip; zip is fitted on each concept's
 training captions; plus ``composed``, no fused file: ``sdtune.compose`` samples each concept's phrase, bracketed by
 ``marked_prompt``, under its own adapter, and prompts without a concept under the base model), ``spectral-slots``
