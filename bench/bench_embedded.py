@@ -22,20 +22,26 @@ from sdtune.sample import SampleRequest, generate
 
 
 @torch.no_grad()
-def codec_ceiling(model, judge, n: int = 256, seed: int = 777) -> None:
+def vae_roundtrip(vae, scenes: list) -> tuple[list, float]:
+    """Renders of ``scenes`` after an encode (posterior mean) -> decode round trip, and the mean absolute error
+    in [−1, 1]."""
     from PIL import Image
 
-    scenes = [s for s, _ in tw.base_dataset(n, seed)]
     x = torch.from_numpy(tw.to_array([tw.render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
-    vae = model.pipeline.vae
     rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
     arr = ((rec + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    v = J.judge(judge, [Image.fromarray(a) for a in arr])
+    return [Image.fromarray(a) for a in arr], float((rec - x).abs().mean())
+
+
+def codec_ceiling(model, judge, n: int = 256, seed: int = 777) -> None:
+    scenes = [s for s, _ in tw.base_dataset(n, seed)]
+    images, error = vae_roundtrip(model.pipeline.vae, scenes)
+    v = J.judge(judge, images)
     shape = sum(x.shape == s.shape for x, s in zip(v, scenes)) / n
     colour = sum(x.colour == s.colour for x, s in zip(v, scenes)) / n
     both = sum(x.shape == s.shape and x.colour == s.colour for x, s in zip(v, scenes)) / n
     print(f"| VAE round trip of {n} scenes | shape {shape:.1%} | colour {colour:.1%} | shape+colour {both:.1%} | "
-          f"mean abs error {(rec - x).abs().mean():.4f} |")
+          f"mean abs error {error:.4f} |")
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ from sdtune import judge as J
 from sdtune import toyworld as tw
 from sdtune.fusion_zip import ZipOptions
 from sdtune.models import load
-from sdtune.sample import SampleRequest, generate
+from sdtune.sample import SampleRequest
 
 
 def concept_prompt(token: str) -> str:
@@ -127,7 +127,7 @@ def judge_rates(model, judge, files: list[Path], weights: list[float], prompts: 
     bracketed prompts are sampled with each file on its own phrase (``sdtune.compose``)."""
     request = SampleRequest(prompts, seed=a.seed, steps=a.sample_steps, guidance=a.guidance, count=a.per_prompt,
                             adapters=[(str(f), w) for f, w in zip(files, weights)])
-    samples = (compose.generate if composed else generate)(model, request, progress=False)
+    samples = compose.run(model, request, composed=composed, progress=False)
     verdicts = J.judge(judge, [s.image for s in samples])
     return {p: verdicts[i * a.per_prompt:(i + 1) * a.per_prompt] for i, p in enumerate(prompts)}
 

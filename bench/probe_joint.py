@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from bench.bench_fusion import judge_rates, parser as fusion_parser
+from bench.bench_fusion import judge_rates
+from bench.bench_fusion import parser as fusion_parser
 from sdtune import judge as J
 from sdtune import toyworld as tw
 from sdtune.models import load

@@ -8,23 +8,17 @@ from __future__ import annotations
 
 import random
 
-import numpy as np
-import torch
-from PIL import Image
-
+from bench.bench_embedded import vae_roundtrip
 from sdtune import judge as J
 from sdtune import toyworld as tw
 from sdtune.models import load
 
 
-@torch.no_grad()
 def main(n: int = 32) -> None:
     judge, vae = J.load(), load().pipeline.vae
     for obj in tw.OBJECTS:
         rng = random.Random(1)
-        x = torch.tensor(np.stack([np.asarray(tw.render(tw.random_scene(rng, obj=obj))) for _ in range(n)]))
-        y = vae.decode(vae.encode(x.permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist.mean).sample
-        images = [Image.fromarray(((t.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()) for t in y]
+        images, _ = vae_roundtrip(vae, [tw.random_scene(rng, obj=obj) for _ in range(n)])
         seen = sum(v.object == obj for v in J.judge(judge, images))
         print(f"{obj}: judged present after the VAE round trip in {seen} of {n}")
 

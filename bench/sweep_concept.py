@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from bench.bench_fusion import judge_rates, parser as fusion_parser, present, train_concept
+from bench.bench_fusion import judge_rates, present, train_concept
+from bench.bench_fusion import parser as fusion_parser
 from sdtune import judge as J
 from sdtune import toyworld as tw
 from sdtune.models import load

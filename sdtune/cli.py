@@ -47,7 +47,7 @@ def cmd_sample(a) -> int:
     if a.compose:
         compose.check(a.prompts, len(a.adapter))
     model = _load_model(a)
-    samples = (compose.generate if a.compose else sample.generate)(model, request)
+    samples = compose.run(model, request, composed=a.compose)
     written = sample.save_samples(samples, request, a.out, model.source, composed=a.compose)
     print(f"wrote {len(written['images'])} images and {written['grid']}")
     return 0

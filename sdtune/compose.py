@@ -14,8 +14,9 @@ the neutral prompt, with each concept's direction taken under its own adapter; u
 unconditional prediction, so one adapter on "a [sks] star" is plain sampling with that adapter. Why: an adapter
 trained on "a circle in qtz style" may not carry over to "a sks star in qtz style" (measured on a base that had
 never seen a style: a style adapter alone put its style on 12 % of those samples), and a summed model inherits that;
-here every adapter only sees prompts like its training captions. The cost is 2K + 2 U-Net calls per step instead of 2, and there is no single file: A1111
-and ComfyUI cannot reproduce it (``sdtune fuse`` makes one file). bench/RESULTS.md has the measured figures.
+here every adapter only sees prompts like its training captions. The cost is 2K + 2 U-Net calls per step instead
+of 2, and there is no single file: A1111 and ComfyUI cannot reproduce it (``sdtune fuse`` makes one file).
+bench/RESULTS.md has the measured figures.
 """
 from __future__ import annotations
 
@@ -77,6 +78,14 @@ def check(prompts: list[str], n_adapters: int) -> dict[str, ComposedPrompt]:
     if not n_adapters:
         raise ComposeError("composed sampling needs the adapters of the concepts the brackets mark: give them")
     return {p: parse(p, n_adapters) for p in prompts if is_composed(p)}
+
+
+def run(model, request: SampleRequest, *, composed: bool, progress: bool = True) -> list[Sample]:
+    """:func:`generate` when ``composed``, else ``sample.generate``: the one switch the CLI, the web UI and the
+    benches share."""
+    from .sample import generate as plain
+
+    return (generate if composed else plain)(model, request, progress=progress)
 
 
 def generate(model, request: SampleRequest, *, progress: bool = True) -> list[Sample]:

@@ -303,6 +303,8 @@ def held_in_style(image: Image.Image, style: str) -> Image.Image:
 def styled_base_dataset(n: int, seed: int = 0, style_rate: float = 0.0) -> list[tuple[Image.Image, str]]:
     """``base_dataset(n, seed)`` rendered, with a share ``style_rate`` (drawn from its own generator, seeded
     ``seed``) in a held-in style and captioned so: "a red star in rrk style"."""
+    if not 0.0 <= style_rate <= 1.0:
+        raise ValueError(f"style_rate must be within [0, 1], got {style_rate}")
     rng = random.Random(seed)
     out = []
     for scene, text in base_dataset(n, seed):

@@ -56,13 +56,12 @@ def perturb(adapter, seed: int = 1, size: float = 0.3, *, relative: bool = False
     with ``relative`` by ``size`` × N(0, 1) × the tensor's mean magnitude (0.5 for a zero-init one; what keeps
     real-size layers well-conditioned)."""
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in adapter.trainable_named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
-            if p.dim() == 1 and p.numel() and (p > 0).all():        # DoRA magnitude: keep positive
-                p.mul_(1 + 0.2 * noise.tanh())
-            else:
-                p.add_(size * noise * (p.abs().mean() if p.abs().sum() > 0 else 0.5) if relative else size * noise)
+    for _, p in adapter.trainable_named_parameters():
+        noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+        if p.dim() == 1 and p.numel() and (p > 0).all():        # DoRA magnitude: keep positive
+            p.mul_(1 + 0.2 * noise.tanh())
+        else:
+            p.add_(size * noise * (p.abs().mean() if p.abs().sum() > 0 else 0.5) if relative else size * noise)
 
 
 def write_adapter(comps, path, rules, seed, *, svd_cache=None, metadata=None, size=0.3, arch="sd1"):

@@ -56,6 +56,8 @@ def test_styled_base_dataset_draws_held_in_styles_only():
     assert [c for _, c in tw.styled_base_dataset(50, seed=5)] == [c for _, c in plain[:50]]
     with pytest.raises(ValueError, match="held-in style"):
         tw.held_in_style(styled[0][0], "qtz")
+    with pytest.raises(ValueError, match=r"within \[0, 1\]"):
+        tw.styled_base_dataset(4, seed=5, style_rate=1.5)
 
 
 def test_captions_name_the_scene():

@@ -13,7 +13,7 @@ from pathlib import Path
 from sdtune import compose, fusion
 from sdtune.formats.checkpoint import save_merged_checkpoint
 from sdtune.inspect import format_inspection, inspect_file
-from sdtune.sample import SampleRequest, generate, save_samples
+from sdtune.sample import SampleRequest, save_samples
 
 from .training import TrainForm, TrainingJob, build_config
 from .workspace import Refused, Workspace, stamp
@@ -132,7 +132,7 @@ class Studio:
             raise Refused(str(e)) from None
         with self._lock:
             model = self.model()
-            samples = (compose.generate if composed else generate)(model, request, progress=False)
+            samples = compose.run(model, request, composed=composed, progress=False)
         written = save_samples(samples, request, self.ws.samples / stamp(), model.source, composed=composed)
         return written["images"]
 
