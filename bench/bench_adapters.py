@@ -11,6 +11,13 @@ of torch.cuda.max_memory_allocated); the median of ``--steps`` steps after ``--w
     python bench/bench_adapters.py --grad-checkpointing --configs sdtune-locon,lycoris-locon-bypass,floor
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python bench/bench_adapters.py   # other allocator
     python bench/bench_adapters.py --device cuda --dtype bf16 --batch 4 --resolution 512 --steps 10 --warmup 3
+    python bench/bench_adapters.py --device cuda --arch sdxl --resolution 1024 --dtype bf16 --base-dtype bf16 \
+        --grad-checkpointing --optimizer adamw8bit --rank 32 --configs floor,sdtune-locon,peft-lora
+
+``--base-dtype bf16|fp16`` stores the frozen U-Net in that dtype (adapter factors stay fp32), ``--base-quant int8|nf4``
+quantises the adapted layers' weights (sdtune only: ``sdtune.lowprec``), ``--compile`` wraps the U-Net in
+torch.compile (its first steps, the compile, fall in the warm-up), ``--small`` uses the architecture's small widths
+(CPU tests of bench/gpu.sh), ``--jsonl FILE`` appends each configuration's result as one JSON line.
 """
 from __future__ import annotations
 
@@ -32,26 +39,26 @@ RANK = 16
 PRESETS = ("attn", "resnet", "sample")
 
 
-def _sdtune(unet, name: str, svd_dir: str) -> tuple[list, dict]:
+def _sdtune(unet, name: str, svd_dir: str, arch: str, rank: int) -> tuple[list, dict, object]:
     from sdtune.adapters import AdapterSpec
     from sdtune.inject import attach
 
-    spec = {"sdtune-locon": AdapterSpec("locon", rank=RANK, alpha=RANK),
-            "sdtune-locon-tucker": AdapterSpec("locon", rank=RANK, alpha=RANK, tucker=True),
-            "sdtune-flora": AdapterSpec("flora", rank=RANK),
-            "sdtune-dora": AdapterSpec("dora", rank=RANK, alpha=RANK),
-            "sdtune-spectral": AdapterSpec("spectral", rank=RANK)}[name]
+    spec = {"sdtune-locon": AdapterSpec("locon", rank=rank, alpha=rank),
+            "sdtune-locon-tucker": AdapterSpec("locon", rank=rank, alpha=rank, tucker=True),
+            "sdtune-flora": AdapterSpec("flora", rank=rank),
+            "sdtune-dora": AdapterSpec("dora", rank=rank, alpha=rank),
+            "sdtune-spectral": AdapterSpec("spectral", rank=rank)}[name]
     rules = [(p, spec) for p in PRESETS]
     extra = {}
     if name == "sdtune-spectral":                       # SVD of every targeted layer: cold, then from the cache
         t = time.perf_counter()
-        inj = attach({"unet": unet}, rules, "sd1", svd_cache_dir=svd_dir)
+        inj = attach({"unet": unet}, rules, arch, svd_cache_dir=svd_dir)
         extra["setup_cold_s"] = time.perf_counter() - t
         inj.detach()
     t = time.perf_counter()
-    inj = attach({"unet": unet}, rules, "sd1", svd_cache_dir=svd_dir)
+    inj = attach({"unet": unet}, rules, arch, svd_cache_dir=svd_dir)
     extra["setup_s"] = time.perf_counter() - t
-    return inj.parameters(), extra
+    return inj.parameters(), extra, inj
 
 
 def _target_names(unet) -> list[str]:
@@ -60,13 +67,13 @@ def _target_names(unet) -> list[str]:
     return [path for p in PRESETS for _, path in preset_targets(p, {"unet": unet})]
 
 
-def _lycoris(unet, name: str, device: str) -> tuple[list, dict]:
+def _lycoris(unet, name: str, device: str, rank: int) -> tuple[list, dict]:
     from lycoris.wrapper import LycorisNetwork
 
     LycorisNetwork.apply_preset({"enable_conv": True, "target_module": [
         "Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"], "target_name": []})
     t = time.perf_counter()
-    net = LycorisNetwork(unet, multiplier=1.0, lora_dim=RANK, conv_lora_dim=RANK, alpha=RANK, conv_alpha=RANK,
+    net = LycorisNetwork(unet, multiplier=1.0, lora_dim=rank, conv_lora_dim=rank, alpha=rank, conv_alpha=rank,
                          use_tucker=name == "lycoris-tucker", network_module="lora",
                          weight_decompose=name == "lycoris-dora", bypass_mode=name == "lycoris-locon-bypass")
     net.apply_to()
@@ -74,11 +81,11 @@ def _lycoris(unet, name: str, device: str) -> tuple[list, dict]:
     return list(net.parameters()), {"setup_s": time.perf_counter() - t}
 
 
-def _peft(unet, name: str) -> tuple[list, dict]:
+def _peft(unet, name: str, rank: int) -> tuple[list, dict]:
     from peft import LoraConfig, inject_adapter_in_model
 
     t = time.perf_counter()
-    cfg = LoraConfig(r=RANK, lora_alpha=RANK, target_modules=_target_names(unet), use_dora=name == "peft-dora")
+    cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=_target_names(unet), use_dora=name == "peft-dora")
     inject_adapter_in_model(cfg, unet)
     params = [p for n, p in unet.named_parameters() if "lora_" in n]
     for p in params:
@@ -86,40 +93,65 @@ def _peft(unet, name: str) -> tuple[list, dict]:
     return params, {"setup_s": time.perf_counter() - t}
 
 
-def run_one(name: str, steps: int, warmup: int, grad_ckpt: bool, device: str = "cpu", dtype: str = "fp32",
-            batch: int = 1, resolution: int = 256) -> dict:
+def _inputs(unet, batch: int, side: int, device: str) -> tuple[tuple, dict]:
+    """(latents, timestep, text) and the SDXL extra conditioning (pooled text, 6 time ids) where the U-Net has it."""
     import torch
 
+    c = unet.config
+    args = (torch.randn(batch, 4, side, side, device=device), torch.tensor([500], device=device),
+            torch.randn(batch, 77, c.cross_attention_dim, device=device))
+    if c.addition_embed_type != "text_time":
+        return args, {}
+    pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+    return args, {"added_cond_kwargs": {"text_embeds": torch.randn(batch, pooled, device=device),
+                                        "time_ids": torch.randn(batch, 6, device=device)}}
+
+
+def run_one(name: str, steps: int, warmup: int, grad_ckpt: bool, device: str = "cpu", dtype: str = "fp32",
+            batch: int = 1, resolution: int = 256, arch: str = "sd1", rank: int = RANK, optimizer: str = "adamw",
+            base_dtype: str = "fp32", base_quant: str = "none", compile: bool = False, small: bool = False,
+            compile_backend: str = "inductor") -> dict:
+    import torch
+
+    from sdtune import optim
     from sdtune.archs import build_unet
+    from sdtune.lowprec import BASE_DTYPES, lower_base
 
     torch.manual_seed(0)
-    unet = build_unet("sd1", device=device)             # adapters are built on their base weight's device
+    unet = build_unet(arch, device=device, small=small)  # adapters are built on their base weight's device
     if grad_ckpt:
         unet.enable_gradient_checkpointing()
     with tempfile.TemporaryDirectory() as svd_dir:
         if name.startswith("sdtune-"):
-            params, extra = _sdtune(unet, name, svd_dir)
+            params, extra, inj = _sdtune(unet, name, svd_dir, arch, rank)
+            lower_base({"unet": unet}, inj, dtype=base_dtype, quant=base_quant)
+        elif base_quant != "none":
+            raise SystemExit(f"--base-quant is measured for sdtune only, not {name}")
         elif name.startswith("lycoris-"):
-            params, extra = _lycoris(unet, name, device)
+            params, extra = _lycoris(unet, name, device, rank)
         elif name.startswith("peft-"):
-            params, extra = _peft(unet, name)
+            params, extra = _peft(unet, name, rank)
         else:
             params, extra = [], {"setup_s": 0.0}
-    side = resolution // 8
-    latents = torch.randn(batch, 4, side, side, device=device)
-    text = torch.randn(batch, 77, 768, device=device)
-    target = torch.randn(batch, 4, side, side, device=device)
-    timestep = torch.tensor([500], device=device)
-    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    if not name.startswith("sdtune-") and base_dtype != "fp32":    # the same frozen storage for the peers
+        for p in unet.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(BASE_DTYPES[base_dtype])
+    (latents, timestep, text), cond = _inputs(unet, batch, resolution // 8, device)
+    target = torch.randn_like(latents)
+    opt = optim.build(optimizer, [{"params": params, "lr": 1e-4}], betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                      device=torch.device(device)) if params else None
+    model = torch.compile(unet, backend=compile_backend) if compile else unet
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else lambda: None
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
     times = []
     for i in range(warmup + steps):
         x = latents.clone().requires_grad_(not params)       # the floor: backward to the input only
         sync()
         t = time.perf_counter()
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            loss = torch.nn.functional.mse_loss(unet(x, timestep, text).sample, target)
+        with torch.autocast(device, dtype=low or torch.float32, enabled=low is not None):
+            loss = torch.nn.functional.mse_loss(model(x, timestep, text, **cond).sample.float(), target)
         loss.backward()
         if opt is not None:
             opt.step()
@@ -132,7 +164,9 @@ def run_one(name: str, steps: int, warmup: int, grad_ckpt: bool, device: str = "
                      peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20)
     return {"config": name, "s_step": statistics.median(times), "steps": steps,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "trainable": sum(p.numel() for p in params), **extra}
+            "trainable": sum(p.numel() for p in params), "arch": arch, "rank": rank, "dtype": dtype,
+            "batch": batch, "resolution": resolution, "optimizer": optimizer, "base_dtype": base_dtype,
+            "base_quant": base_quant, "compile": compile, "grad_ckpt": grad_ckpt, **extra}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -143,38 +177,61 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--grad-checkpointing", action="store_true")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast, fp32 master weights")
+    ap.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                    help="bf16/fp16: autocast, fp32 master weights")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--resolution", type=int, default=256, help="pixels (latents resolution/8); a multiple of 64")
+    ap.add_argument("--arch", choices=("sd1", "sd2", "sdxl"), default="sd1")
+    ap.add_argument("--rank", type=int, default=RANK)
+    ap.add_argument("--optimizer", choices=("adamw", "adamw8bit"), default="adamw",
+                    help="adamw8bit: bitsandbytes on CUDA (AdamW elsewhere, as sdtune's trainer)")
+    ap.add_argument("--base-dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    ap.add_argument("--base-quant", choices=("none", "int8", "nf4"), default="none")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: no codegen)")
+    ap.add_argument("--small", action="store_true", help="small widths of the architecture (tests)")
+    ap.add_argument("--jsonl", help="append each configuration's result to this file as a JSON line")
     args = ap.parse_args(argv)
-    if args.resolution % 64:
+    if args.resolution % 64 and not args.small:
         ap.error("--resolution must be a multiple of 64")
     if args.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             ap.error(f"--device cuda: CUDA is not available to this torch ({torch.__version__})")
-    setting = dict(device=args.device, dtype=args.dtype, batch=args.batch, resolution=args.resolution)
+    setting = dict(device=args.device, dtype=args.dtype, batch=args.batch, resolution=args.resolution, arch=args.arch,
+                   rank=args.rank, optimizer=args.optimizer, base_dtype=args.base_dtype, base_quant=args.base_quant)
+    flags = {"grad_ckpt": args.grad_checkpointing, "compile": args.compile, "small": args.small}
     if args.config:
-        print(json.dumps(run_one(args.config, args.steps, args.warmup, args.grad_checkpointing, **setting)))
+        print(json.dumps(run_one(args.config, args.steps, args.warmup, args.grad_checkpointing, **setting,
+                                 compile=args.compile, small=args.small, compile_backend=args.compile_backend)))
         return
-    rows = []
+    rows, failed = [], []
     for name in args.configs.split(","):
         cmd = [sys.executable, __file__, "--config", name, "--steps", str(args.steps), "--warmup", str(args.warmup)]
-        cmd += [a for k, v in setting.items() for a in (f"--{k}", str(v))]
+        cmd += [a for k, v in setting.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+        cmd += [f"--{k.replace('_', '-')}" for k, on in flags.items() if on and k != "grad_ckpt"]
         cmd += ["--grad-checkpointing"] if args.grad_checkpointing else []
+        cmd += ["--compile-backend", args.compile_backend]
         path = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if res.returncode != 0:
             print(f"{name} failed:\n{res.stderr[-2000:]}", file=sys.stderr)
+            failed.append(name)
             continue
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        if args.jsonl:
+            with open(args.jsonl, "a") as f:
+                f.write(json.dumps(rows[-1]) + "\n")
     floor = next((r["s_step"] for r in rows if r["config"] == "floor"), None)
     gpu = next((r for r in rows if "gpu" in r), None)
     machine = f"{gpu['gpu']}, torch {gpu['torch']}" if gpu else args.device
-    where = "" if setting == dict(device="cpu", dtype="fp32", batch=1, resolution=256) else (
-        f"; {machine}, {args.dtype}, batch {args.batch}, {args.resolution} px")
+    defaults = dict(device="cpu", dtype="fp32", batch=1, resolution=256, arch="sd1", rank=RANK, optimizer="adamw",
+                    base_dtype="fp32", base_quant="none")
+    changed = {k: v for k, v in setting.items() if defaults[k] != v and k != "device"}
+    where = "" if not changed and args.device == "cpu" else (
+        f"; {machine}, " + ", ".join(f"{k} {v}" for k, v in changed.items()) + ", compiled" * args.compile)
     print(f"allocator: {os.environ.get('LD_PRELOAD') or 'glibc'}; grad checkpointing: {args.grad_checkpointing}; "
           f"median of {args.steps} steps after {args.warmup} warm-up{where}\n")
     print("| configuration | s/step | over floor | trainable params | peak RSS MB |" + " peak GPU MB |" * bool(gpu)
@@ -186,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
         setup = f"{r['setup_s']:.1f}" + (f" (cold SVD {r['setup_cold_s']:.1f})" if "setup_cold_s" in r else "")
         mem = f"{r['peak_rss_mb']:,.0f} |" + (f" {r['peak_gpu_mb']:,.0f} |" if gpu else "")
         print(f"| {r['config']} | {r['s_step']:.{nd}f} | {over} | {r['trainable']:,} | {mem} {setup} |")
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Cost of composed sampling: wall time of 32 images (20 steps) of one prompt, plain with both adapters applied
 against ``sdtune.compose`` with each adapter on its own phrase; median of 3 runs, interleaved.
 
-    PYTHONPATH=. python bench/bench_compose.py --adapters outputs/bf2c/runs/locon-sks/adapter.safetensors \\
-        outputs/bf2c/runs/locon-qtz/adapter.safetensors --prompt "a [sks] star [in qtz style]"
+    python bench/bench_compose.py --adapters outputs/bf2s2/runs/locon-sks/adapter.safetensors \\
+        outputs/bf2s2/runs/locon-qtz/adapter.safetensors --prompt "a [sks] star [in qtz style]"
 """
 from __future__ import annotations
 

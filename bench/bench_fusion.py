@@ -1,8 +1,8 @@
 """Issue 6: fusing separately trained concepts on the embedded model, judged by the toy-world judge.
 
-    PYTHONPATH=. python bench/bench_fusion.py --concepts sks,qtz --out outputs/bench_fusion2          # 2 concepts
-    PYTHONPATH=. python bench/bench_fusion.py --concepts sks,ohwx,qtz,bnp --out outputs/bench_fusion4 # 4 concepts
-    PYTHONPATH=. python bench/bench_fusion.py --smoke --out /tmp/bf        # ~2 min: checks the plumbing only
+    python bench/bench_fusion.py --concepts sks,qtz --out outputs/bench_fusion2          # 2 concepts
+    python bench/bench_fusion.py --concepts sks,ohwx,qtz,bnp --out outputs/bench_fusion4 # 4 concepts
+    python bench/bench_fusion.py --smoke --out /tmp/bf        # ~2 min: checks the plumbing only
 
 For each *family* of adapters every concept is trained alone (``sdtune.train.train``) on 12 (``--instances``)
 toy-world instance images with the demo's first recipe (attn + resnet + text encoder, lr 3e-3 / 1e-3, 600 steps,
@@ -33,7 +33,8 @@ import torch
 from sdtune import compose, fusion
 from sdtune import judge as J
 from sdtune import toyworld as tw
-from sdtune.fusion_zip import ZipOptions
+from sdtune.apply import load as load_file
+from sdtune.fusion import ZipOptions
 from sdtune.models import load
 from sdtune.sample import SampleRequest
 
@@ -104,7 +105,7 @@ def train_concept(token: str, family: str, rule: dict, out: Path, a) -> Path:
 
 
 def families(tokens: list[str]) -> dict[str, tuple[list[dict], list[tuple[str, dict]]]]:
-    """family -> (per-concept adapter rule, [(method label, fuse kwargs)])."""
+    """family -> (per-concept adapter rule, [(method label, {"method": name, **its options})])."""
     plain = [("sum", {"method": "sum"})]
     return {
         "locon": ([{"algorithm": "locon", "rank": 8} for _ in tokens],
@@ -200,20 +201,20 @@ def main() -> None:
         # what each adapter alone renders of its own concept on the joint prompts: the ceiling of joint success
         solo_joint.append((fam, [[rate(v[q], lambda x, t=t: present(x, t)) for q in joint_prompts]
                                  for v, t in zip(alone, tokens)]))
-        inputs = [fusion.load_input(f, model.components(), model.arch) for f in files]
-        names = sorted({n for i in inputs for n in i.parts})
+        inputs = [load_file(f, model.components(), model.arch) for f in files]
+        names = sorted({n for i in inputs for n in i.layers})
         # regmean is fitted on one capture (seed 0) and every method is measured on another (seed 1)
         fit = [fusion.capture_activations(model, [q], names, columns=a.columns, seed=0) for q in solo_prompts]
         held = [fusion.capture_activations(model, [q], names, columns=a.columns, seed=1) for q in solo_prompts]
         for label, kwargs in methods:
             if a.methods and label not in a.methods.split(","):
                 continue
+            merger = None
             if kwargs["method"] == "zip":   # fitted on each concept's training captions
                 captions = [instance_captions(out, t) for t in tokens]
                 t0 = time.time()
                 options = ZipOptions(steps=a.zip_steps, sample_steps=a.sample_steps)
-                kwargs = dict(kwargs, merger=fusion.zip_merger(model, inputs, captions, options=options,
-                                                               progress=False)[0])
+                merger = fusion.zip_merger(model, inputs, captions, options=options, progress=False)[0]
                 print(f"{fam}: {label} merger learned in {time.time() - t0:.0f}s", flush=True)
             if kwargs["method"] == "composed":   # no fused file: each adapter on its own phrase while sampling
                 marked = {q: marked_prompt(q, tokens) for q in solo_prompts + joint_prompts}
@@ -221,7 +222,7 @@ def main() -> None:
                                   solo_prompts + list(marked.values()) + class_prompts, a, composed=True)
                 verdicts, inter = {q: got[marked.get(q, q)] for q in solo_prompts + joint_prompts + class_prompts}, []
             else:
-                res = fusion.fuse(inputs, activations=fit, **kwargs)
+                res = fusion.fuse(inputs, fusion.method_options(**kwargs), activations=fit, merger=merger)
                 fusion.remeasure(res, inputs, held)
                 fused = out / "fused" / f"{fam}-{label}.safetensors"
                 fusion.save_fused(res, fused, dtype=torch.float32)

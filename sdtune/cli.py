@@ -1,6 +1,8 @@
-"""The ``sdtune`` command line: each command parses its arguments and makes one API call.
+"""The ``sdtune`` command line: each command parses its arguments, loads what it needs (the base model, the adapter
+files) and calls the API; ``fuse`` then also writes its file and, with --merged-model, the merged model.
 
-Commands: ``train``, ``sample``, ``export``, ``inspect``, ``fuse``, ``merge``, ``ui``.
+Commands: ``train``, ``sample``, ``export``, ``inspect``, ``convert``, ``resize``, ``extract``, ``fuse``, ``merge``,
+``ui``.
 The web UI calls the same API functions, never this module.
 """
 from __future__ import annotations
@@ -9,15 +11,20 @@ import argparse
 import json
 import sys
 
-import torch
+from .console import quiet_third_party
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="base model: diffusers folder or .safetensors (default: embedded tiny-sd)")
     p.add_argument("--model-config", default=None, help="diffusers folder with the configs for a single-file model")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle .ckpt/.pt (runs code: trusted files only)")
+
+
+def _add_dtype(p: argparse.ArgumentParser) -> None:
+    from .formats.kohya import DTYPES   # imported late: main() quiets third-party logging before the parser is built
+
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp16", help="dtype of the tensors written")
 
 
 def _adapter_weight(text: str) -> tuple[str, float]:
@@ -37,15 +44,52 @@ def _load_model(a):
     return load(a.model, allow_pickle=a.allow_pickle, config=a.model_config)
 
 
+def _add_blocks_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--blocks", action="append", default=[], metavar="SPEC",
+                   help="block weights (A1111 LoRA-block-weight notation: a preset such as MIDD, a 17/26-value "
+                        "SD1 or 12/20-value SDXL vector, or BLOCK=VALUE pairs; see docs/file-tools.md): one spec for "
+                        "every adapter, or one per adapter in order ('-' for none)")
+
+
+def _block_specs(specs: list[str], n: int) -> list[str | None]:
+    """--blocks values -> one spec (or None) per adapter."""
+    if not specs:
+        return [None] * n
+    if len(specs) not in (1, n):
+        raise ValueError(f"{len(specs)} --blocks specs for {n} adapters: give one for all, or one per adapter")
+    specs = specs * n if len(specs) == 1 else specs
+    return [None if s.strip() in ("", "-") else s for s in specs]
+
+
+def _weighted_files(paths, specs, model) -> list:
+    """Each adapter file loaded against the model, block-weighted where a spec is given; prints what moved."""
+    from .tools.blocks import load_weighted, parse, touched
+
+    files = []
+    for path, spec in zip(paths, specs):
+        files.append(load_weighted(path, model.components(), model.arch, spec))
+        if spec:
+            from .apply import load
+
+            moved = touched(load(path, model.components(), model.arch), parse(spec, model.arch), model.components())
+            print(f"blocks {spec!r} on {path}: " + (", ".join(f"{b} ×{w:g} ({n} layers)" for b, (w, n)
+                                                              in moved.items()) or "no layer changed"))
+    return files
+
+
 # ------------------------------------------------------------------------------------------------ sample
 
 def cmd_sample(a) -> int:
     from . import compose, sample
 
     request = sample.SampleRequest(prompts=a.prompts, negative_prompt=a.negative, seed=a.seed, steps=a.steps,
-                                   guidance=a.guidance, size=a.size, count=a.n, adapters=a.adapter)
+                                   guidance=a.guidance, size=a.size, width=a.width, height=a.height,
+                                   count=a.n, adapters=a.adapter, blocks=_block_specs(a.blocks, len(a.adapter)),
+                                   guidance_rescale=a.guidance_rescale, zero_terminal_snr=a.zero_terminal_snr)
     if a.compose:
         compose.check(a.prompts, len(a.adapter))
+        if any(request.blocks):
+            raise ValueError("--blocks does not combine with --compose (composed sampling hooks whole files)")
     model = _load_model(a)
     samples = compose.run(model, request, composed=a.compose)
     written = sample.save_samples(samples, request, a.out, model.source, composed=a.compose)
@@ -60,7 +104,14 @@ def _add_sample(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
+                   help="rescale the guided prediction (Lin et al. 2024), in [0, 1]; 0.7 suits --zero-terminal-snr")
+    p.add_argument("--zero-terminal-snr", action="store_true",
+                   help="sample with zero-terminal-SNR betas and trailing timesteps (for adapters trained with "
+                        "train.zero_terminal_snr, or such bases)")
     p.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels, a multiple of 8 (default: --size)")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels, a multiple of 8 (default: --size)")
     p.add_argument("-n", type=int, default=4, help="images per prompt")
     p.add_argument("-o", "--out", default="outputs/samples", help="output folder")
     p.add_argument("--adapter", action="append", default=[], type=_adapter_weight, metavar="FILE[:WEIGHT]",
@@ -68,6 +119,7 @@ def _add_sample(sub) -> None:
     p.add_argument("--compose", action="store_true",
                    help="sample prompts whose concept phrases are bracketed, 'a [sks] star [in qtz style]', with each "
                         "--adapter (in order, or '[2:...]') applied only to its own phrase (composable diffusion)")
+    _add_blocks_arg(p)
     _add_model_args(p)
     p.set_defaults(func=cmd_sample)
 
@@ -75,7 +127,7 @@ def _add_sample(sub) -> None:
 # ------------------------------------------------------------------------------------------------ export
 
 def cmd_export(a) -> int:
-    from .formats.kohya import save_kohya
+    from .formats.kohya import DTYPES, save_kohya
     from .inject import Injection
 
     model = _load_model(a)
@@ -91,7 +143,7 @@ def _add_export(sub) -> None:
     p = sub.add_parser("export", help="write a native sdtune adapter as an A1111/ComfyUI .safetensors file")
     p.add_argument("adapter", help="native adapter file (.sdtune, written by training or Injection.save)")
     p.add_argument("-o", "--out", required=True, help="output .safetensors")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp16")
+    _add_dtype(p)
     p.add_argument("--plain-locon", action="store_true",
                    help="fold Tucker cores into lora_down (diffusers' load_lora_weights rejects lora_mid)")
     p.add_argument("--native-sidecar", action="store_true",
@@ -122,18 +174,129 @@ def _add_inspect(sub) -> None:
     p.set_defaults(func=cmd_inspect)
 
 
+# ------------------------------------------------------------------------------------------------ convert
+
+def cmd_convert(a) -> int:
+    from .formats.convert import convert_file
+
+    components = _load_model(a).components() if a.model else None
+    conv = convert_file(a.file, a.out, a.to, arch=a.arch, components=components, partial=a.partial,
+                        peft_component=a.component)
+    print(conv.summary())
+    print(f"wrote {a.out} ({a.to})")
+    return 0
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="convert a LoRA between diffusers/PEFT and kohya/A1111 names, exactly")
+    p.add_argument("file", help="LoRA .safetensors: kohya/A1111, diffusers (save_lora_weights) or PEFT")
+    p.add_argument("-o", "--out", required=True, help="output .safetensors")
+    p.add_argument("--to", required=True, choices=("kohya", "diffusers", "peft"), help="target format")
+    p.add_argument("--arch", choices=("sd1", "sd2", "sdxl"), default=None,
+                   help="the file's architecture when neither its metadata nor its names tell")
+    p.add_argument("--partial", action="store_true",
+                   help="write what converts and list the rest (default: refuse, listing the keys without a mapping)")
+    p.add_argument("--component", default="unet",
+                   help="PEFT files (base_model.model.… keys) hold one component: which one (default unet)")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_convert)
+
+
+# ------------------------------------------------------------------------------------------------ resize
+
+def cmd_resize(a) -> int:
+    from .formats.kohya import DTYPES
+    from .tools.resize import format_report, resize_file, save_resized
+
+    rules = [(r, v) for r, v in (("rank", a.rank), ("sv_ratio", a.sv_ratio), ("sv_cumulative", a.sv_cumulative),
+                                 ("sv_fro", a.sv_fro)) if v is not None]
+    if len(rules) != 1:
+        raise ValueError("give exactly one of --rank, --sv-ratio, --sv-cumulative, --sv-fro")
+    model = _load_model(a) if a.model else None
+    result = resize_file(a.file, *rules[0], max_rank=a.max_rank, components=model.components() if model else None,
+                         arch=model.arch if model else None)
+    print(format_report(result, per_layer=not a.totals_only))
+    report = save_resized(result, a.out, dtype=DTYPES[a.dtype] if a.dtype else None)
+    print(f"wrote {a.out} and {report}")
+    return 0
+
+
+def _add_resize(sub) -> None:
+    p = sub.add_parser("resize", help="lower an adapter file's rank per layer (fixed, or kohya's dynamic rules)")
+    p.add_argument("file", help="A1111/kohya/LyCORIS .safetensors (LoRA, LoCon, Tucker, DoRA) or native .sdtune")
+    p.add_argument("-o", "--out", required=True, help="output .safetensors (the report goes to <out>.resize.json)")
+    p.add_argument("--rank", type=float, default=None, help="fixed rank for every layer")
+    p.add_argument("--sv-ratio", type=float, default=None, help="keep singular values above σ₁ / this ratio (≥ 1)")
+    p.add_argument("--sv-cumulative", type=float, default=None,
+                   help="keep the smallest prefix holding this share of Σσ (0–1]")
+    p.add_argument("--sv-fro", type=float, default=None, help="keep this Frobenius share of each layer's ΔW (0–1]")
+    p.add_argument("--max-rank", type=int, default=None, help="cap for the dynamic rules")
+    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default=None,
+                   help="output dtype (default: the input's)")
+    p.add_argument("--totals-only", action="store_true", help="print only the summary line")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_resize)
+
+
+# ------------------------------------------------------------------------------------------------ extract
+
+def cmd_extract(a) -> int:
+    from .formats.kohya import DTYPES
+    from .models import load
+    from .tools.extract import extract, format_report, save_extracted
+
+    rule, param = ("rank", a.rank) if a.mode == "fixed" else (a.mode, a.param)
+    if param is None:
+        raise ValueError(f"--mode {a.mode} needs --param")
+    base = load(a.base, allow_pickle=a.allow_pickle, config=a.model_config)
+    tuned = load(a.tuned, allow_pickle=a.allow_pickle, config=a.model_config)
+    if base.arch != tuned.arch:
+        raise ValueError(f"--base is {base.arch.upper()}, --tuned is {tuned.arch.upper()}: not the same architecture")
+    result = extract(base.components(), tuned.components(), base.arch, rule, param, max_rank=a.max_rank,
+                     convs=not a.no_convs, text_encoders=not a.unet_only, min_change=a.min_change)
+    print(format_report(result, per_layer=not a.totals_only))
+    report = save_extracted(result, a.out, dtype=DTYPES[a.dtype], sources=(a.base, a.tuned))
+    print(f"wrote {a.out} and {report}")
+    return 0
+
+
+def _add_extract(sub) -> None:
+    from .tools.ranks import RULES
+
+    p = sub.add_parser("extract", help="extract a LoCon (or LoRA) file from a fine-tuned checkpoint and its base")
+    p.add_argument("--base", required=True, help="the base model: diffusers folder or single-file .safetensors")
+    p.add_argument("--tuned", required=True, help="the fine-tune of it (same architecture)")
+    p.add_argument("-o", "--out", required=True, help="output .safetensors (the report goes to <out>.extract.json)")
+    p.add_argument("--mode", default="fixed", choices=("fixed",) + tuple(r for r in RULES if r != "rank"),
+                   help="rank rule: fixed (--rank), LyCORIS's threshold / ratio / quantile or kohya's sv_* (--param)")
+    p.add_argument("--rank", type=int, default=16, help="rank for --mode fixed (default 16)")
+    p.add_argument("--param", type=float, default=None, help="the rule's parameter for the other modes")
+    p.add_argument("--max-rank", type=int, default=None, help="cap for the dynamic modes")
+    p.add_argument("--no-convs", action="store_true", help="leave out k×k convolutions (a plain LoRA file)")
+    p.add_argument("--unet-only", action="store_true", help="leave out the text encoders")
+    p.add_argument("--min-change", type=float, default=1e-6,
+                   help="skip layers with ‖ΔW‖/‖W‖ at or below this (unchanged layers)")
+    p.add_argument("--totals-only", action="store_true", help="print only the summary")
+    _add_dtype(p)
+    p.add_argument("--model-config", default=None, help="diffusers folder with the configs for single-file models")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickle .ckpt/.pt (runs code: trusted files only)")
+    p.set_defaults(func=cmd_extract)
+
+
 # ------------------------------------------------------------------------------------------------ train
 
 def cmd_train(a) -> int:
     from .config import describe, load_config
+    from .resources import recipe_path, recipes
     from .train import DiskSpaceError, TrainingDiverged, train
 
     if a.describe:
         print(describe())
         return 0
     if a.config is None:
-        raise ValueError("a config file is required (see train_configs/), or --describe for every key")
-    config = load_config(a.config, a.set)
+        raise ValueError(f"a config file or a packaged recipe ({', '.join(recipes())}) is required, or --describe "
+                         f"for every key")
+    config = load_config(recipe_path(a.config), a.set)
     try:
         result = train(config, resume=a.resume, progress=not a.quiet)
     except (TrainingDiverged, DiskSpaceError) as e:
@@ -141,17 +304,19 @@ def cmd_train(a) -> int:
         return 3
     if result.main_process:
         print(f"{result.status} at step {result.step}/{result.total_steps}: {result.run_dir}"
-              + (f" (adapter {result.kohya})" if result.kohya else " (continue with --resume latest)"))
+              + (f" (adapter {result.kohya})" if result.kohya else " (continue with --resume auto)"))
     return 0
 
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train adapters (DreamBooth, prior preservation) from a TOML config")
-    p.add_argument("config", nargs="?", help="training config, e.g. train_configs/demo.toml")
+    p.add_argument("config", nargs="?", help="training config (e.g. train_configs/demo.toml) or the name of a packaged "
+                                             "recipe (demo, locon, flora, dora, spectral)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, typed by the schema (repeatable), e.g. --set train.steps=50")
-    p.add_argument("--resume", default=None, metavar="latest|CHECKPOINT",
-                   help="continue from the newest checkpoint of the run folder, or from a checkpoint folder")
+    p.add_argument("--resume", default=None, metavar="auto|latest|CHECKPOINT",
+                   help="auto: continue from the run folder's newest complete checkpoint if there is one, else start "
+                        "fresh (says which); latest: the newest, an error if none; or a checkpoint folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--describe", action="store_true", help="print every config key with its type, default and help")
     p.set_defaults(func=cmd_train)
@@ -164,6 +329,10 @@ def cmd_merge(a) -> int:
 
     model = _load_model(a)
     adapters = [_adapter_weight(t) for t in a.adapters]
+    specs = _block_specs(a.blocks, len(adapters))
+    if any(specs):  # bake the block weights: the weighted files go in instead of the paths
+        files = _weighted_files([p for p, _ in adapters], specs, model)
+        adapters = [(f if s else p, w) for f, s, (p, w) in zip(files, specs, adapters)]
     info = save_merged_checkpoint(model, adapters, a.out, dtype=a.dtype, diffusers_dir=a.diffusers_dir)
     print(f"wrote {info['path']}: {info['tensors']} tensors, {info['merged_layers']} layers changed by "
           f"{len(adapters)} adapter(s)" + (f"; diffusers folder {info['diffusers_dir']}" if a.diffusers_dir else ""))
@@ -176,7 +345,8 @@ def _add_merge(sub) -> None:
                    help="A1111/kohya/LyCORIS .safetensors or native .sdtune adapter, optional strength (default 1)")
     p.add_argument("-o", "--out", required=True, help="output .safetensors checkpoint")
     p.add_argument("--diffusers-dir", default=None, help="also write the merged model as a diffusers folder")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp16")
+    _add_blocks_arg(p)
+    _add_dtype(p)
     _add_model_args(p)
     p.set_defaults(func=cmd_merge)
 
@@ -184,23 +354,26 @@ def _add_merge(sub) -> None:
 # ------------------------------------------------------------------------------------------------ fuse
 
 def cmd_fuse(a) -> int:
+    """Parse → load the inputs (against the base model when one is needed) → ``fuse_on_model`` (``fuse`` without a
+    model) → write; --merged-model also merges the result into the model (``merge_into``) and saves it."""
     from . import fusion
+    from .apply import is_native, load
+    from .formats.kohya import DTYPES
 
     weights = [float(w) for w in a.weights.split(",")] if a.weights else None
     prompts = fusion.prompt_sets(a.prompts or [])
-    needs_model = a.model or a.merged_model or prompts or a.method == "zip" or any(map(fusion.is_native, a.adapters))
+    options = fusion.method_options(a.method, rank=a.rank, sides=a.sides, mode=a.mode, energy=a.energy,
+                                    ridge=a.ridge, steps=a.zip_steps)
+    specs = _block_specs(a.blocks, len(a.adapters))
+    needs_model = a.model or a.merged_model or prompts or a.method == "zip" or any(map(is_native, a.adapters)) \
+        or any(specs)
     model = _load_model(a) if needs_model else None
-    components = model.components() if model else None
-    inputs = [fusion.load_input(p, components, model.arch if model else None) for p in a.adapters]
-    options = dict(rank=a.rank, sides=a.sides, mode=a.mode, energy=a.energy, ridge=a.ridge)
+    inputs = _weighted_files(a.adapters, specs, model) if model else [load(p) for p in a.adapters]
     if model is None:
-        result = fusion.fuse(inputs, a.method, weights, **options)
+        result = fusion.fuse(inputs, options, weights)
     else:
-        from .fusion_zip import ZipOptions
-
-        result = fusion.fuse_on_model(model, inputs, a.method, weights, prompts=prompts, columns=a.columns,
-                                      capture_steps=a.capture_steps, zip_options=ZipOptions(steps=a.zip_steps),
-                                      **options)
+        result = fusion.fuse_on_model(model, inputs, options, weights, prompts=prompts, columns=a.columns,
+                                      capture_steps=a.capture_steps)
     print(fusion.format_report(result, per_layer=not a.totals_only))
     fusion.save_fused(result, a.out, dtype=DTYPES[a.dtype])
     print(f"wrote {a.out}: {len(result.groups())} modules, rank {sum(r.rank for r in result.layers)} in total")
@@ -240,7 +413,8 @@ def _add_fuse(sub) -> None:
     p.add_argument("--totals-only", action="store_true", help="print only the total interference")
     p.add_argument("--merged-model", default=None, metavar="DIR",
                    help="also write the base model with the fused ΔW merged in, as a diffusers folder")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp16")
+    _add_blocks_arg(p)
+    _add_dtype(p)
     _add_model_args(p)
     p.set_defaults(func=cmd_fuse)
 
@@ -249,11 +423,12 @@ def _add_fuse(sub) -> None:
 
 def cmd_ui(a) -> int:
     try:
-        from webui.app import launch
+        from webui.server import launch
     except ImportError as e:
         raise ValueError(f"the web UI is not available ({e}); install sdtune with its webui package") from None
 
-    launch(host=a.host, port=a.port, workspace=a.workspace, share=a.share, model_source=a.model)
+    launch(host=a.host, port=a.port, workspace=a.workspace, share=a.share, model_source=a.model,
+           allowed_host=a.allowed_host)
     return 0
 
 
@@ -266,6 +441,9 @@ def _add_ui(sub) -> None:
                    help="folder for uploads, runs, samples and the adapter library; the UI reads nothing outside it")
     p.add_argument("--model", default=None, help="base model: diffusers folder or .safetensors (default: embedded tiny-sd)")
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link (use with care)")
+    p.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
+                   help="a host name clients use to reach the app, besides 127.0.0.1/localhost/[::1] (repeatable; "
+                        "'*' = any); requests naming any other Host or Origin are refused (DNS rebinding)")
     p.set_defaults(func=cmd_ui)
 
 
@@ -274,12 +452,14 @@ def _add_ui(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdtune", description="Parameter-efficient fine-tuning for Stable Diffusion.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_sample, _add_export, _add_inspect, _add_fuse, _add_merge, _add_ui):
+    for add in (_add_train, _add_sample, _add_export, _add_inspect, _add_convert, _add_resize, _add_extract, _add_fuse,
+                _add_merge, _add_ui):
         add(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_third_party()  # before diffusers/transformers are imported (building the parser may import them)
     args = build_parser().parse_args(argv)
     from .formats.reader import FormatError
     from .models import ModelLoadError

@@ -12,9 +12,8 @@ A composed prompt marks each concept's phrase in brackets, in the order the adap
 diffusion (Liu et al. 2022, "Compositional Visual Generation with Composable Diffusion Models", eq. 10) anchored at
 the neutral prompt, with each concept's direction taken under its own adapter; u gives each adapter's change of the
 unconditional prediction, so one adapter on "a [sks] star" is plain sampling with that adapter. Why: an adapter
-trained on "a circle in qtz style" may not carry over to "a sks star in qtz style" (measured on a base that had
-never seen a style: a style adapter alone put its style on 12 % of those samples), and a summed model inherits that;
-here every adapter only sees prompts like its training captions. The cost is 2K + 2 U-Net calls per step instead
+trained on "a circle in qtz style" may not carry over to "a sks star in qtz style", and a summed model inherits
+that; here every adapter only sees prompts like its training captions. The cost is 2K + 2 U-Net calls per step instead
 of 2, and there is no single file: A1111 and ComfyUI cannot reproduce it (``sdtune fuse`` makes one file).
 bench/RESULTS.md has the measured figures.
 """
@@ -91,9 +90,9 @@ def run(model, request: SampleRequest, *, composed: bool, progress: bool = True)
 def generate(model, request: SampleRequest, *, progress: bool = True) -> list[Sample]:
     """Like ``sample.generate``, but every adapter acts only on its own bracketed phrase (module docstring):
     prompts with phrases are sampled composed, prompts without any by the base model alone."""
-    from . import fusion
-    from .fusion_zip import MergedLayer
+    from .apply import LowRankHook, hook_parts, load
     from .sample import generate as plain
+    from .schedules import sampling_schedule
 
     parsed = check(request.prompts, len(request.adapters))
     plain_prompts = [p for p in request.prompts if p not in parsed]
@@ -102,12 +101,14 @@ def generate(model, request: SampleRequest, *, progress: bool = True) -> list[Sa
         samples = plain(model, replace(request, prompts=plain_prompts, adapters=[]), progress=progress)
         by_prompt = {p: samples[k * request.count:(k + 1) * request.count] for k, p in enumerate(plain_prompts)}
     if parsed:
-        inputs = [fusion.load_input(path, model.components(), model.arch) for path, _ in request.adapters]
-        layers = fusion.weighted_layers(model, inputs, [w for _, w in request.adapters])
+        comps = model.components()
+        files = [load(path, comps, model.arch) for path, _ in request.adapters]
+        layers = hook_parts(comps, model.arch, files, [w for _, w in request.adapters])
         with ExitStack() as stack:
-            hooks = [MergedLayer(layer, parts) for layer, parts in layers.values()]
+            stack.enter_context(sampling_schedule(model.pipeline, request.zero_terminal_snr))
+            hooks = [LowRankHook(layer, parts) for layer, parts in layers.values()]
             for h in hooks:
-                stack.callback(h.handle.remove)
+                stack.callback(h.remove)
             bar = tqdm(total=len(parsed) * request.steps, desc="composed sampling", unit="step", disable=not progress)
             for prompt, cp in parsed.items():
                 by_prompt[prompt] = _composed(model, hooks, cp, prompt, request, bar.update)
@@ -117,6 +118,8 @@ def generate(model, request: SampleRequest, *, progress: bool = True) -> list[Sa
 
 @torch.no_grad()
 def _composed(model, hooks, cp: ComposedPrompt, prompt: str, request: SampleRequest, step_done) -> list[Sample]:
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
     from .data import Encoder, denoise
 
     pipe = model.pipeline
@@ -148,14 +151,17 @@ def _composed(model, hooks, cp: ComposedPrompt, prompt: str, request: SampleRequ
 
     sched = pipe.scheduler
     sched.set_timesteps(request.steps)
-    side = (request.size or model.resolution) // pipe.vae_scale_factor
+    width, height = (d // pipe.vae_scale_factor for d in request.dims(model.resolution))
     seeds = [request.seed + i for i in range(n)]
-    z = torch.stack([torch.randn(pipe.unet.config.in_channels, side, side, generator=torch.Generator().manual_seed(s))
+    z = torch.stack([torch.randn(pipe.unet.config.in_channels, height, width, generator=torch.Generator().manual_seed(s))
                      for s in seeds]).to(pipe.unet.device, pipe.unet.dtype) * sched.init_noise_sigma
     for t in sched.timesteps:
         x = sched.scale_model_input(z, t)
-        u = eps(uncond, x, t)
-        z = sched.step(u + request.guidance * (eps(cond, x, t) - u), t, z).prev_sample
+        u, c = eps(uncond, x, t), eps(cond, x, t)
+        guided = u + request.guidance * (c - u)
+        if request.guidance_rescale:  # as the pipelines do (Lin et al. 2024 §3.4), with c the conditional
+            guided = rescale_noise_cfg(guided, c, request.guidance_rescale)
+        z = sched.step(guided, t, z).prev_sample
         step_done()
     use(None)
     image = pipe.vae.decode(z / pipe.vae.config.scaling_factor).sample

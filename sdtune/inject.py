@@ -5,7 +5,8 @@ Presets name module classes the way users know them (matched with isinstance, ne
   resnet ResnetBlock2D: conv1, conv2, conv_shortcut, time_emb_proj
   sample Downsample2D / Upsample2D: conv
   te     CLIPAttention q/k/v/out_proj, CLIPMLP fc1/fc2 of every text encoder given (q, k, v and out together:
-         A1111 and diffusers ignore partial attention sets, see LOADER-FACTS.md)
+         A1111 and diffusers ignore partial attention sets, see LOADER-FACTS.md); on SDXL not TE1's last layer,
+         whose output SDXL never reads
 ``attach(components, [(preset, spec), …], arch)`` resolves and validates every target before touching the model,
 then swaps each layer for its ``Adapter`` with setattr on the parent; a later rule overrides an earlier one for the
 same module, so per-target overrides are one table:
@@ -15,9 +16,10 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from diffusers.models.attention import FeedForward
@@ -31,11 +33,11 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention
 
-from .adapters import Adapter, AdapterSpec, build_adapter, validate_layer
+from . import scope as block_scope
+from .adapters import PRESETS, Adapter, AdapterSpec, build_adapter, validate_layer
 from .atomic import atomic_path
 from .names import kohya_name
 
-PRESETS = ("attn", "resnet", "sample", "te")
 FORMAT = "native-1"
 
 # (container class, child attribute paths) per preset; a missing or None child is skipped.
@@ -58,8 +60,12 @@ def _child(module: nn.Module, attr_path: str) -> nn.Module | None:
     return module
 
 
-def preset_targets(preset: str, components: dict[str, nn.Module]) -> list[tuple[str, str]]:
-    """(component, module path) of every layer ``preset`` names, in module order."""
+def preset_targets(preset: str, components: dict[str, nn.Module], arch: str | None = None) -> list[tuple[str, str]]:
+    """(component, module path) of every layer ``preset`` names, in module order. With ``arch`` "sdxl", "te" leaves
+    out TE1's last layer: SDXL reads TE1's penultimate hidden states and not its pooled output, so that layer's
+    output is never used and adapters there would never train. A scoped preset (``attn@down_blocks.1,mid_block``,
+    ``te@layers.0-5``; ``sdtune.scope``) keeps the layers of those blocks / text-encoder layers only."""
+    preset, scope_items = block_scope.split(preset)
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {PRESETS}")
     out: list[tuple[str, str]] = []
@@ -79,7 +85,10 @@ def preset_targets(preset: str, components: dict[str, nn.Module]) -> list[tuple[
                         if target is None or isinstance(target, (nn.AvgPool2d, nn.Identity)):
                             continue             # e.g. Downsample2D without a conv: nothing to adapt
                         out.append((component, f"{path}.{child}" if path else child))
-    return out
+    if preset == "te" and arch == "sdxl" and "text_encoder" in components:
+        last = f"encoder.layers.{components['text_encoder'].config.num_hidden_layers - 1}."
+        out = [(c, p) for c, p in out if not (c == "text_encoder" and last in f"{p}.")]
+    return [(c, p) for c, p in out if block_scope.covers(scope_items, c, p)]
 
 
 @dataclass
@@ -105,7 +114,7 @@ def attach(components: dict[str, nn.Module], rules: Sequence[tuple[str, AdapterS
     for preset, spec in rules:
         if not isinstance(spec, AdapterSpec):
             raise TypeError(f"attach: rule for preset {preset!r} has {type(spec).__name__}, expected AdapterSpec")
-        targets = preset_targets(preset, components)
+        targets = preset_targets(preset, components, arch)
         if not targets:
             raise ValueError(f"preset {preset!r} matches no module in components {sorted(components)}")
         for key in targets:
@@ -135,6 +144,22 @@ def _set(place: _Place, module: nn.Module) -> None:
         place.parent[int(place.attr)] = module
     else:
         setattr(place.parent, place.attr, module)
+
+
+@contextmanager
+def plain_layers(components: Mapping[str, nn.Module]) -> Iterator[dict[tuple[str, str], Adapter]]:
+    """Put every attached sdtune Adapter's frozen base layer back in its place for the block, so that state_dict()
+    and save_pretrained() see the plain model (merged weights included, if merged); yields {(component, path):
+    adapter}, and re-wraps on exit."""
+    found = {(c, p): m for c, root in components.items() for p, m in root.named_modules() if isinstance(m, Adapter)}
+    places = {key: _place(dict(components), *key) for key in found}
+    try:
+        for key, adapter in found.items():
+            _set(places[key], adapter.base)
+        yield found
+    finally:
+        for key, adapter in found.items():
+            _set(places[key], adapter)
 
 
 class Injection:

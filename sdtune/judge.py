@@ -22,6 +22,7 @@ from torch import nn
 
 from . import toyworld as tw
 from .atomic import atomic_path
+from .resources import ASSETS
 
 IGNORE = -100
 HEADS: dict[str, tuple[str | None, ...]] = {
@@ -31,7 +32,7 @@ HEADS: dict[str, tuple[str | None, ...]] = {
     "object": (None, *tw.OBJECTS),
     "style": (None, *tw.STYLES),
 }
-DEFAULT_PATH = Path(__file__).resolve().parent.parent / "assets" / "judge" / "judge.safetensors"
+DEFAULT_PATH = ASSETS / "judge" / "judge.safetensors"
 
 
 class Judge(nn.Module):

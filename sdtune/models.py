@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from .archs import detect_arch
-from .formats.reader import PICKLE_SUFFIXES
+from .console import hide_pipeline_loading_bar
+from .safefile import PICKLE_SUFFIXES, FormatError, check_safetensors
+from .resources import ASSETS
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # SDTUNE_EMBEDDED points the default at another folder (e.g. a micro model while assets/tiny-sd is rebuilt).
 EMBEDDED = Path(os.environ.get("SDTUNE_EMBEDDED", ASSETS / "tiny-sd"))
 
@@ -85,9 +86,7 @@ def _from_folder(folder: Path, dtype: torch.dtype):
 
 def _check_safetensors(path: Path) -> dict:
     """The safetensors header of ``path``; ModelLoadError for a corrupt, truncated or non-safetensors file (the
-    checks are ``sdtune.formats.reader.check_safetensors``'s, shared with adapter files)."""
-    from .formats.reader import FormatError, check_safetensors
-
+    checks are ``sdtune.safefile.check_safetensors``'s, shared with adapter files)."""
     try:
         return check_safetensors(path)
     except FormatError as e:
@@ -130,6 +129,7 @@ def load(source: str | Path | None = None, *, dtype: torch.dtype = torch.float32
     ``config``: for single files, a diffusers folder with the matching architecture's configs (needed offline).
     """
     path = EMBEDDED if source is None else Path(source).expanduser()
+    hide_pipeline_loading_bar()  # sdtune shows its own progress, not the libraries' loading bars
     if not path.exists():
         hint = " (the embedded model is created by `python -m sdtune.pretrain`)" if source is None else ""
         raise ModelLoadError(f"base model not found: {path}{hint}")

@@ -12,6 +12,12 @@ that spell every known word as one token; other text falls back to byte-level ch
 (2) an AutoencoderKL (64 px RGB <-> 4×16×16 latents); (3) the U-Net and the CLIP text encoder, jointly, with
 the min-SNR-weighted ε-prediction DDPM loss on cached latents and 10 % caption dropout (for classifier-free guidance).
 The result is a standard diffusers ``StableDiffusionPipeline`` folder with a DPM-Solver++ scheduler.
+
+Variants:
+    python -m sdtune.pretrain --continue-from assets/tiny-sd --out DIR --prediction-type v_prediction \
+        --zero-terminal-snr --max-minutes 12          # a v-prediction (zero-terminal-SNR) twin of the SD1 base
+    python -m sdtune.pretrain --arch sdxl --out assets/tiny-sdxl   # the SDXL-family base (SDXL_UNET_CONFIG): stage
+                                                      # (3) with two text encoders, on the SD1 base's VAE/tokenizer
 """
 from __future__ import annotations
 
@@ -27,6 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from . import toyworld as tw
+from .archs import UNET_CONFIGS
+from .atomic import atomic_dir
 
 SPECIAL_BOS, SPECIAL_EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_TOKENS = 32
@@ -44,6 +52,24 @@ UNET_CONFIG = dict(
 )
 TEXT_CONFIG = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
                    max_position_embeddings=MAX_TOKENS, hidden_act="quick_gelu", projection_dim=128)
+# The embedded SDXL base: SDXL's published U-Net (archs.UNET_CONFIGS["sdxl"]: DownBlock2D + 2 CrossAttn blocks,
+# 2 layers per block, transformer depths 1/2/10, linear projections, the text_time add-embedding) at toy widths, so
+# that every module name and index of the published model exists in it (A1111 maps SDXL adapters by that index
+# arithmetic). ~7.3M U-Net parameters: about 15 MB in fp16. Cross-attention width = TE1 + TE2 hidden sizes; the
+# add-embedding takes TE2's pooled projection and 6 time ids of addition_time_embed_dim each.
+SDXL_TEXT_CONFIGS = (
+    dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+         max_position_embeddings=MAX_TOKENS, hidden_act="quick_gelu", projection_dim=64),   # TE1: CLIP (no head)
+    dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+         max_position_embeddings=MAX_TOKENS, hidden_act="gelu", projection_dim=64),         # TE2: with projection
+)
+SDXL_UNET_CONFIG = {
+    **UNET_CONFIGS["sdxl"], "sample_size": tw.IMAGE_SIZE // 4, "block_out_channels": (32, 48, 64),
+    "attention_head_dim": (1, 2, 2), "norm_num_groups": 16,
+    "cross_attention_dim": SDXL_TEXT_CONFIGS[0]["hidden_size"] + SDXL_TEXT_CONFIGS[1]["hidden_size"],
+    "addition_time_embed_dim": 16,
+    "projection_class_embeddings_input_dim": SDXL_TEXT_CONFIGS[1]["projection_dim"] + 6 * 16,
+}
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                         prediction_type="epsilon", steps_offset=1, clip_sample=False)
 
@@ -152,8 +178,14 @@ def encode_dataset(vae, n: int, seed: int, batch: int = 256, style_rate: float =
 
 
 def train_unet(latents: torch.Tensor, captions: list[str], tokenizer, steps: int, batch: int, seed: int,
-               lr: float = 1e-3, log_every: int = 200, unet=None, te=None, snapshot=None, snapshot_every: int = 250):
-    """Train the U-Net and text encoder jointly (from scratch, or on from ``unet``/``te``).
+               lr: float = 1e-3, log_every: int = 200, unet=None, te=None, snapshot=None, snapshot_every: int = 250,
+               scheduler_config: dict | None = None, max_seconds: float | None = None):
+    """Train the U-Net and text encoder jointly (from scratch, or on from ``unet``/``te``), on the target and betas
+    of ``scheduler_config`` (default ``SCHEDULER_CONFIG``: ε; ``schedules.NoiseSchedule``) with min-SNR-5 weights.
+    -> (U-Net EMA, text encoder EMA, steps done): ``max_seconds`` stops early, after the step that crosses it.
+    SDXL: ``te`` is the list [TE1, TE2] (and the EMA too); the U-Net gets both encoders' penultimate hidden states
+    concatenated, TE2's pooled projection and the micro-conditioning of an uncropped 64 px image, as in
+    ``data.Encoder``/``data.denoise``.
 
     Constant learning rate after a 100-step warm-up, and an exponential moving average of the weights
     (decay min(0.999, (1+n)/(10+n))) that is what gets returned and snapshotted: the schedule does not depend
@@ -162,8 +194,10 @@ def train_unet(latents: torch.Tensor, captions: list[str], tokenizer, steps: int
     """
     import copy
 
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .schedules import NoiseSchedule
 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -172,37 +206,53 @@ def train_unet(latents: torch.Tensor, captions: list[str], tokenizer, steps: int
         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, **TEXT_CONFIG))
     unet.requires_grad_(True)
-    te.requires_grad_(True)
-    noise_sched = DDPMScheduler(**SCHEDULER_CONFIG)
+    encoders = te if isinstance(te, list) else [te]
+    for enc in encoders:
+        enc.requires_grad_(True)
+    noise_sched = NoiseSchedule.from_config(scheduler_config or SCHEDULER_CONFIG)
     ids_all = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
                         return_tensors="pt").input_ids
     empty = tokenizer([""], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids[0]
-    params = [*unet.parameters(), *te.parameters()]
+    params = [*unet.parameters(), *(p for enc in encoders for p in enc.parameters())]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda n: min(1.0, (n + 1) / 100))
-    acp = noise_sched.alphas_cumprod
-    unet_ema, te_ema = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
-    ema_pairs = [(e, p) for m_e, m in ((unet_ema, unet), (te_ema, te))
+    unet_ema = copy.deepcopy(unet).requires_grad_(False).eval()
+    encoders_ema = [copy.deepcopy(enc).requires_grad_(False).eval() for enc in encoders]
+    ema_pairs = [(e, p) for m_e, m in ((unet_ema, unet), *zip(encoders_ema, encoders))
                  for e, p in zip(m_e.parameters(), m.parameters())]
+    te_ema = encoders_ema if isinstance(te, list) else encoders_ema[0]
+    time_ids = torch.tensor([[tw.IMAGE_SIZE, tw.IMAGE_SIZE, 0, 0, tw.IMAGE_SIZE, tw.IMAGE_SIZE]], dtype=torch.float32)
+
+    def denoise(zt, t, ids):
+        if len(encoders) == 1:
+            return unet(zt, t, encoder_hidden_states=encoders[0](ids).last_hidden_state).sample
+        outs = [enc(ids, output_hidden_states=True) for enc in encoders]
+        hidden = torch.cat([o.hidden_states[-2] for o in outs], dim=-1)
+        added = {"text_embeds": outs[-1].text_embeds, "time_ids": time_ids.expand(len(ids), -1)}
+        return unet(zt, t, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
+
     unet.train()
-    te.train()
+    for enc in encoders:
+        enc.train()
     t0 = time.time()
     ema = None
+    done = 0
     for step in range(1, steps + 1):
+        if max_seconds is not None and time.time() - t0 > max_seconds:
+            print(f"unet: time budget of {max_seconds:.0f}s reached after {done} steps", flush=True)
+            break
+        done = step
         idx = torch.randint(0, len(latents), (batch,), generator=g)
         z0 = latents[idx]
         ids = ids_all[idx].clone()
         ids[torch.rand(batch, generator=g) < 0.1] = empty
         noise = torch.randn(z0.shape, generator=g)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=g)
-        a = acp[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        cond = te(ids).last_hidden_state
-        pred = unet(zt, t, encoder_hidden_states=cond).sample
-        # Min-SNR-5 weighting (Hang et al. 2023) for ε-prediction: w = min(SNR, 5) / SNR; converges faster.
-        snr = acp[t] / (1 - acp[t])
-        w = snr.clamp(max=5.0) / snr
-        loss = (w * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        t = torch.randint(0, noise_sched.num_timesteps, (batch,), generator=g)
+        zt = noise_sched.noisy(z0, noise, t)
+        pred = denoise(zt, t, ids)
+        # Min-SNR-5 weighting (Hang et al. 2023): converges faster.
+        w = noise_sched.loss_weight(t, min_snr_gamma=5.0)
+        loss = (w * F.mse_loss(pred, noise_sched.target(z0, noise, t), reduction="none").mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -216,30 +266,29 @@ def train_unet(latents: torch.Tensor, captions: list[str], tokenizer, steps: int
         if step % log_every == 0 or step == steps:
             print(f"unet step {step}/{steps} loss(ema) {ema:.4f} ({time.time() - t0:.0f}s)", flush=True)
         if snapshot is not None and step % snapshot_every == 0:
-            snapshot(step, unet_ema.eval(), te_ema.eval())
-    return unet_ema.eval(), te_ema.eval()
+            snapshot(step, unet_ema, te_ema)
+    return unet_ema, te_ema, done
 
 
 def _pipeline(vae, te, tokenizer, unet):
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    """A StableDiffusionPipeline, or with ``te`` = [TE1, TE2] a StableDiffusionXLPipeline (one tokenizer for both;
+    the unconditional embedding is the empty prompt's, as trained, not SDXL's zeros)."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     scheduler = DPMSolverMultistepScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k != "clip_sample"})
+    if isinstance(te, list):
+        return StableDiffusionXLPipeline(vae=vae, text_encoder=te[0], text_encoder_2=te[1], tokenizer=tokenizer,
+                                         tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+                                         force_zeros_for_empty_prompt=False, add_watermarker=False)
     return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 def _write(pipe, folder: Path, record: dict) -> None:
-    """Save a pipeline folder atomically (build beside it, then swap)."""
-    work = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)
-    pipe.save_pretrained(work, safe_serialization=True)
-    (work / "PRETRAINING.json").write_text(json.dumps(record, indent=2))
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        folder.rename(old)
-    work.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+    """Save a pipeline folder atomically (built beside it, then swapped in: ``atomic.atomic_dir``)."""
+    with atomic_dir(folder) as work:
+        pipe.save_pretrained(work, safe_serialization=True)
+        (work / "PRETRAINING.json").write_text(json.dumps(record, indent=2))
 
 
 def pretrain(out: str | Path, *, vae_steps: int = 3000, unet_steps: int = 3500, n_images: int = 20000,
@@ -272,37 +321,102 @@ def pretrain(out: str | Path, *, vae_steps: int = 3000, unet_steps: int = 3500, 
         _write(_pipeline(vae, te, tokenizer, unet), out.with_name(out.name + ".snapshot"), record(step))
         print(f"snapshot at step {step}", flush=True)
 
-    unet, te = train_unet(latents * scaling, captions, tokenizer, unet_steps, unet_batch, seed + 2,
+    unet, te, _ = train_unet(latents * scaling, captions, tokenizer, unet_steps, unet_batch, seed + 2,
                           snapshot=snapshot if snapshot_every else None, snapshot_every=snapshot_every or 1)
     _write(_pipeline(vae, te, tokenizer, unet), out, record(unet_steps))
     return out
 
 
+def build_sdxl(tokenizer, seed: int = 0):
+    """The embedded SDXL base's untrained U-Net and [TE1, TE2] (``SDXL_UNET_CONFIG``, ``SDXL_TEXT_CONFIGS``)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    tes = [cls(CLIPTextConfig(**ids, **cfg)) for cls, cfg in
+           zip((CLIPTextModel, CLIPTextModelWithProjection), SDXL_TEXT_CONFIGS)]
+    return UNet2DConditionModel(**SDXL_UNET_CONFIG), tes
+
+
+def pretrain_sdxl(out: str | Path, *, base: str | Path, unet_steps: int = 3500, n_images: int = 20000,
+                  unet_batch: int = 64, seed: int = 0, snapshot_every: int = 0) -> Path:
+    """The embedded SDXL-family base: ``build_sdxl`` trained on the toy world (held-apart concepts excluded, a
+    share in the held-in styles as in the SD1 base's second stage), reusing the VAE and tokenizer of the SD1 base
+    ``base``; written as a StableDiffusionXLPipeline folder in fp16 (``SDXL_UNET_CONFIG`` explains the size)."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTokenizer
+
+    out, base = Path(out), Path(base)
+    tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
+    vae = AutoencoderKL.from_pretrained(base / "vae").requires_grad_(False)
+    latents, captions, _ = encode_dataset(vae, n_images, seed + 1, style_rate=0.3)
+    unet, tes = build_sdxl(tokenizer, seed)
+
+    def record(steps: int) -> dict:
+        return dict(arch="sdxl", base=str(base), unet_steps=steps, n_images=n_images, unet_batch=unet_batch,
+                    seed=seed, command=f"python -m sdtune.pretrain --arch sdxl --base {base} --out {out} "
+                                       f"--unet-steps {steps} --images {n_images} --seed {seed}")
+
+    def save(folder: Path, steps: int, unet_, tes_) -> None:
+        _write(_pipeline(vae, tes_, tokenizer, unet_).to(torch.float16), folder, record(steps))
+
+    def snapshot(step, unet_, tes_):
+        save(out.with_name(out.name + ".snapshot"), step, unet_, tes_)
+        print(f"snapshot at step {step}", flush=True)
+
+    unet, tes, _ = train_unet(latents * vae.config.scaling_factor, captions, tokenizer, unet_steps, unet_batch,
+                              seed + 2, unet=unet, te=tes, snapshot=snapshot if snapshot_every else None,
+                              snapshot_every=snapshot_every or 1)
+    save(out, unet_steps, unet, tes)
+    return out
+
+
 def continue_pretraining(folder: str | Path, *, unet_steps: int, lr: float = 5e-4, n_images: int = 20000,
-                         unet_batch: int = 64, seed: int = 1, style_rate: float = 0.0) -> Path:
+                         unet_batch: int = 64, seed: int = 1, style_rate: float = 0.0, out: str | Path | None = None,
+                         prediction_type: str | None = None, zero_terminal_snr: bool = False,
+                         max_minutes: float | None = None) -> Path:
     """Train an existing pipeline's U-Net and text encoder for ``unet_steps`` more steps on fresh scenes
     (data seed ``seed``; a share ``style_rate`` in the held-in styles), keeping the VAE and tokenizer; the stage is
-    appended to PRETRAINING.json."""
+    appended to PRETRAINING.json. Written to ``out`` (default: in place). ``prediction_type`` ("v_prediction")
+    switches the target (a v-prediction twin); ``zero_terminal_snr`` also rescales the betas (Lin et al. 2024), and
+    the saved scheduler then samples with them and trailing timesteps. ``max_minutes`` stops the training early; the
+    record holds the steps actually done (the schedule does not depend on the step count, so its command repeats
+    the run exactly)."""
     from diffusers import StableDiffusionPipeline
 
     folder = Path(folder)
+    out = Path(out) if out is not None else folder
     pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, local_files_only=True)
+    changes = {"prediction_type": prediction_type} if prediction_type else {}
+    if zero_terminal_snr:
+        changes |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    if changes:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **changes)
     latents, captions, _ = encode_dataset(pipe.vae, n_images, 1000 + seed, style_rate=style_rate)
-    unet, te = train_unet(latents * pipe.vae.config.scaling_factor, captions, pipe.tokenizer, unet_steps,
-                          unet_batch, 2000 + seed, lr=lr, unet=pipe.unet, te=pipe.text_encoder)
+    unet, te, unet_steps = train_unet(latents * pipe.vae.config.scaling_factor, captions, pipe.tokenizer, unet_steps,
+                                      unet_batch, 2000 + seed, lr=lr, unet=pipe.unet, te=pipe.text_encoder,
+                                      scheduler_config=dict(pipe.scheduler.config),
+                                      max_seconds=None if max_minutes is None else 60 * max_minutes)
     pipe.unet, pipe.text_encoder = unet, te
     record = json.loads((folder / "PRETRAINING.json").read_text())
+    target = (f" --out {out}" if out != folder else "") + (f" --prediction-type {prediction_type}"
+                                                         if prediction_type else "") \
+        + (" --zero-terminal-snr" if zero_terminal_snr else "")
     record.setdefault("continued", []).append(dict(
         unet_steps=unet_steps, lr=lr, n_images=n_images, unet_batch=unet_batch, seed=seed, style_rate=style_rate,
+        prediction_type=pipe.scheduler.config.prediction_type, zero_terminal_snr=zero_terminal_snr,
         command=f"python -m sdtune.pretrain --continue-from {folder} --unet-steps {unet_steps} --lr {lr} "
-                f"--images {n_images} --seed {seed} --style-rate {style_rate}"))
-    _write(pipe, folder, record)
-    return folder
+                f"--images {n_images} --seed {seed} --style-rate {style_rate}{target}"))
+    _write(pipe, out, record)
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description="Pretrain the embedded tiny Stable Diffusion on the toy world.")
-    p.add_argument("--out", default="assets/tiny-sd")
+    p.add_argument("--out", default=None, help="output folder (default: assets/tiny-sd; with --continue-from: in "
+                                                "place)")
     p.add_argument("--vae-steps", type=int, default=3000)
     p.add_argument("--unet-steps", type=int, default=3500)
     p.add_argument("--images", type=int, default=20000)
@@ -312,13 +426,32 @@ def main() -> None:
     p.add_argument("--style-rate", type=float, default=0.0,
                    help="with --continue-from: share of scenes drawn in a held-in style (toyworld.HELD_IN_STYLES)")
     p.add_argument("--snapshot-every", type=int, default=0, help="write <out>.snapshot every N U-Net steps")
+    p.add_argument("--arch", choices=("sd1", "sdxl"), default="sd1",
+                   help="sdxl: the embedded SDXL-family base (default --out assets/tiny-sdxl), on --base's VAE")
+    p.add_argument("--base", default=None, help="with --arch sdxl: the SD1 base whose VAE and tokenizer are reused "
+                                                "(default: the embedded one)")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
+                   help="with --continue-from: train on this target from now on (a v-prediction twin)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="with --continue-from: stop the U-Net training after this many minutes (the record says "
+                        "how many steps were done)")
+    p.add_argument("--zero-terminal-snr", action="store_true",
+                   help="with --continue-from: rescale the betas to zero terminal SNR (v_prediction only)")
     a = p.parse_args()
     if a.continue_from:
+        if a.zero_terminal_snr and a.prediction_type != "v_prediction":
+            p.error("--zero-terminal-snr needs --prediction-type v_prediction")
         continue_pretraining(a.continue_from, unet_steps=a.unet_steps, lr=a.lr, n_images=a.images, seed=a.seed,
-                             style_rate=a.style_rate)
+                             style_rate=a.style_rate, out=a.out, prediction_type=a.prediction_type,
+                             zero_terminal_snr=a.zero_terminal_snr, max_minutes=a.max_minutes)
+    elif a.arch == "sdxl":
+        from .models import EMBEDDED
+
+        pretrain_sdxl(a.out or "assets/tiny-sdxl", base=a.base or EMBEDDED, unet_steps=a.unet_steps,
+                      n_images=a.images, seed=a.seed, snapshot_every=a.snapshot_every)
     else:
-        pretrain(a.out, vae_steps=a.vae_steps, unet_steps=a.unet_steps, n_images=a.images, seed=a.seed,
-                 snapshot_every=a.snapshot_every)
+        pretrain(a.out or "assets/tiny-sd", vae_steps=a.vae_steps, unet_steps=a.unet_steps, n_images=a.images,
+                 seed=a.seed, snapshot_every=a.snapshot_every)
 
 
 if __name__ == "__main__":

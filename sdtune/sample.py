@@ -11,6 +11,10 @@ import torch
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
+from .atomic import atomic_path, write_text
+
+from .buckets import model_multiple
+
 
 @dataclass
 class SampleRequest:
@@ -22,16 +26,31 @@ class SampleRequest:
     steps: int = 20
     guidance: float = 5.0
     size: int | None = None  # None: the model's native resolution
+    width: int | None = None  # overrides size for that side (non-square samples, e.g. a portrait bucket)
+    height: int | None = None
     count: int = 1
     adapters: list[tuple[str, float]] = field(default_factory=list)  # (A1111/kohya file, weight), applied while sampling
+    blocks: list[str | None] = field(default_factory=list)  # per adapter: block weights (``tools.blocks``) or None
+    guidance_rescale: float = 0.0  # φ of Lin et al. 2024 §3.4: mix of the guided prediction rescaled to the
+    #                                conditional one's standard deviation (0.7 suits zero-terminal-SNR models)
+    zero_terminal_snr: bool = False  # sample with zero-terminal-SNR betas and trailing timesteps (``schedules``)
 
     def __post_init__(self) -> None:
         if not self.prompts or any(not isinstance(p, str) for p in self.prompts):
             raise ValueError("at least one prompt (a string) is required")
         if self.steps < 1 or self.count < 1:
             raise ValueError("steps and count must be >= 1")
-        if self.size is not None and (self.size < 8 or self.size % 8):
-            raise ValueError(f"size must be a multiple of 8, got {self.size}")
+        if not 0 <= self.guidance_rescale <= 1:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {self.guidance_rescale}")
+        for name in ("size", "width", "height"):
+            v = getattr(self, name)
+            if v is not None and (v < 8 or v % 8):
+                raise ValueError(f"{name} must be a multiple of 8, got {v}")
+
+    def dims(self, native: int) -> tuple[int, int]:
+        """(width, height) in pixels: width/height, else size, else the model's ``native`` resolution."""
+        side = self.size or native
+        return self.width or side, self.height or side
 
 
 @dataclass
@@ -47,18 +66,25 @@ def generate(model, request: SampleRequest, *, progress: bool = True) -> list[Sa
 
     Each image has its own generator seeded ``seed + i`` so any single image can be reproduced alone.
     """
-    from .formats.reader import apply_file
+    from .schedules import sampling_schedule
+    from .tools.blocks import apply_file
 
     with ExitStack() as applied:
-        for path, weight in request.adapters:
-            applied.enter_context(apply_file(model.components(), model.arch, path, weight))
+        applied.enter_context(sampling_schedule(model.pipeline, request.zero_terminal_snr))
+        for i, (path, weight) in enumerate(request.adapters):
+            blocks = request.blocks[i] if i < len(request.blocks) else None
+            applied.enter_context(apply_file(model.components(), model.arch, path, weight, blocks))
         return _generate(model, request, progress)
 
 
 @torch.no_grad()
 def _generate(model, request: SampleRequest, progress: bool) -> list[Sample]:
     pipe = model.pipeline
-    size = request.size or model.resolution
+    width, height = request.dims(model.resolution)
+    m = model_multiple(pipe)
+    if width % m or height % m:
+        raise ValueError(f"{width}×{height}: this model needs sides that are multiples of {m} (VAE scale × U-Net "
+                         f"downsamplings)")
     device = pipe.unet.device
     out: list[Sample] = []
     jobs = [(p, request.seed + i) for p in request.prompts for i in range(request.count)]
@@ -68,8 +94,8 @@ def _generate(model, request: SampleRequest, progress: bool) -> list[Sample]:
         gens = [torch.Generator(device).manual_seed(s) for s in seeds]
         images = pipe(
             prompt=[prompt] * len(seeds), negative_prompt=[request.negative_prompt] * len(seeds),
-            num_inference_steps=request.steps, guidance_scale=request.guidance, height=size, width=size,
-            generator=gens,
+            num_inference_steps=request.steps, guidance_scale=request.guidance, height=height, width=width,
+            generator=gens, guidance_rescale=request.guidance_rescale,
         ).images
         out += [Sample(im, prompt, s) for im, s in zip(images, seeds)]
         bar.update(len(seeds))
@@ -96,8 +122,11 @@ def png_info(request: SampleRequest, sample: Sample, model_source: str, composed
     (each adapter on its own bracketed phrase), which the image cannot be remade without."""
     info = PngImagePlugin.PngInfo()
     params = {"prompt": sample.prompt, "negative_prompt": request.negative_prompt, "seed": sample.seed,
-              "steps": request.steps, "guidance": request.guidance, "model": model_source,
-              "adapters": [{"file": f, "weight": w} for f, w in request.adapters], "composed": composed}
+              "steps": request.steps, "guidance": request.guidance, "guidance_rescale": request.guidance_rescale,
+              "zero_terminal_snr": request.zero_terminal_snr, "model": model_source,
+              "adapters": [{"file": f, "weight": w} | ({"blocks": request.blocks[i]} if i < len(request.blocks)
+                                                         and request.blocks[i] else {})
+                           for i, (f, w) in enumerate(request.adapters)], "composed": composed}
     info.add_text("sdtune", json.dumps(params))
     info.add_text("parameters", f"{sample.prompt}\nNegative prompt: {request.negative_prompt}\n"
                                 f"Steps: {request.steps}, CFG scale: {request.guidance}, Seed: {sample.seed}"
@@ -107,19 +136,21 @@ def png_info(request: SampleRequest, sample: Sample, model_source: str, composed
 
 def save_samples(samples: list[Sample], request: SampleRequest, out_dir: str | Path, model_source: str,
                  columns: int | None = None, composed: bool = False) -> dict[str, object]:
-    """Write each image (with metadata; ``composed`` as in :func:`png_info`) and a grid (one row per prompt);
-    returns the paths written."""
+    """Write each image (with metadata; ``composed`` as in :func:`png_info`) and a grid (one row per prompt), each
+    file atomically (``sdtune.atomic``); returns the paths written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, s in enumerate(samples):
         p = out_dir / f"{i:04d}_seed{s.seed}.png"
-        s.image.save(p, pnginfo=png_info(request, s, model_source, composed))
+        with atomic_path(p) as tmp:
+            s.image.save(tmp, format="PNG", pnginfo=png_info(request, s, model_source, composed))
         paths.append(str(p))
     if columns is None and len(request.prompts) > 1:
         columns = request.count  # one row per prompt
     sheet = grid([s.image for s in samples], columns)
     grid_path = out_dir / "grid.png"
-    sheet.save(grid_path)
-    (out_dir / "request.json").write_text(json.dumps(asdict(request), indent=2))
+    with atomic_path(grid_path) as tmp:
+        sheet.save(tmp, format="PNG")
+    write_text(out_dir / "request.json", json.dumps(asdict(request), indent=2))
     return {"images": paths, "grid": str(grid_path)}

@@ -240,6 +240,73 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
     return img
 
 
+def render_framed(scene: Scene, width: int, height: int) -> Image.Image:
+    """Draw a scene in a ``width``×``height`` frame: ``x``/``y`` are fractions of the width/height, ``size`` of
+    the short side. Drawn on the square of the long side (the same backgrounds and styles) and cropped to the frame."""
+    side = max(width, height)
+    left, top = (side - width) // 2, (side - height) // 2
+    square = replace(scene, x=(left + scene.x * width) / side, y=(top + scene.y * height) / side,
+                     size=scene.size * min(width, height) / side)
+    return render(square, side).crop((left, top, left + width, top + height))
+
+
+def framed_concept_scenes(token: str, n: int, frames: tuple[tuple[int, int], ...] = ((128, 64), (64, 128)),
+                          seed: int = 0) -> list[tuple[Scene, tuple[int, int]]]:
+    """(scene, (width, height)) of an object concept anywhere along the long side of non-square frames: the
+    centre ±0.2 of the long side in the first third, the far ends (what a centre square crop cuts) after."""
+    if token not in OBJECTS:
+        raise ValueError(f"framed scenes are for objects {tuple(OBJECTS)}, not {token!r}")
+    rng = random.Random(f"framed:{token}:{seed}")
+    out = []
+    for i in range(n):
+        frame = frames[i % len(frames)]
+        base = random_scene(rng, obj=token)
+        # along the long side: near an end (cut by a centre square crop) for 2 in 3 images
+        along = rng.uniform(0.4, 0.6) if i % 3 == 0 else rng.choice((rng.uniform(0.15, 0.22), rng.uniform(0.78, 0.85)))
+        across = rng.uniform(0.4, 0.6)
+        x, y = (along, across) if frame[0] >= frame[1] else (across, along)
+        out.append((replace(base, x=x, y=y, size=rng.uniform(0.3, 0.4)), frame))
+    return out
+
+
+def write_framed_instance_folder(token: str, folder, n: int = 12, seed: int = 0,
+                                 frames: tuple[tuple[int, int], ...] = ((128, 64), (64, 128))) -> list[str]:
+    """``write_instance_folder`` with non-square frames (``framed_concept_scenes``)."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (scene, (w, h)) in enumerate(framed_concept_scenes(token, n, frames, seed)):
+        p = folder / f"{token}_{i:03d}.png"
+        render_framed(scene, w, h).save(p)
+        p.with_suffix(".txt").write_text(caption(scene) + "\n")
+        paths.append(str(p))
+    return paths
+
+
+def write_masked_instance_folder(token: str, folder, mask_folder, background: str = "checkered", n: int = 12,
+                                 seed: int = 0) -> list[str]:
+    """Instance PNGs of an object concept all on one busy ``background``, captioned without it ("a sks star"),
+    and a mask per image in ``mask_folder`` (same stem; white = the object): the masked-loss measurement's data."""
+    from pathlib import Path
+
+    folder, mask_folder = Path(folder), Path(mask_folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    mask_folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, scene in enumerate(concept_scenes(token, n, seed)):
+        scene = replace(scene, background=background)
+        p = folder / f"{token}_{i:03d}.png"
+        render(scene).save(p)
+        p.with_suffix(".txt").write_text(f"a {token} {scene.shape}\n")
+        big = IMAGE_SIZE * _SS
+        mask = _shape_mask(scene.shape, scene.x * big, scene.y * big, scene.size * big, scene.angle, big)
+        mask.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX).save(mask_folder / f"{token}_{i:03d}.png")
+        paths.append(str(p))
+    return paths
+
+
 # ---------------------------------------------------------------------------------------------- sampling
 
 def random_scene(rng: random.Random, *, obj: str | None = None, style: str | None = None,

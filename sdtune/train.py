@@ -4,12 +4,18 @@
 
 ``Trainer.setup`` loads the base model, checks the data, generates the class images (prior preservation), attaches
 the adapters and builds the optimizer; ``Trainer.run`` is the loop. Each optimizer step averages ``grad_accum``
-micro-batches; a micro-batch is ``batch_size`` instance images (plus as many class images) per process. The loss is
-the diffusion loss on the base scheduler's prediction type (ε or v), optionally min-SNR-γ weighted:
-    loss = mean_inst ‖f(z_t, t, c) − target‖² + prior_loss_weight · mean_class ‖…‖²
+micro-batches; a micro-batch is ``batch_size`` instance images of one aspect-ratio bucket (plus as many class images)
+per process. The loss is the diffusion loss on the base scheduler's prediction type (ε or v), optionally on
+zero-terminal-SNR betas and min-SNR-γ / debiased-estimation weighted (the math: ``sdtune.schedules``), averaged
+over each latent with its mask (masked loss):
+    loss = mean_inst w(t)‖f(z_t, t, c) − target‖² + prior_loss_weight · mean_class w(t)‖…‖²
 Data order, crops and noise come from seeded generators whose state is checkpointed, so a resumed run repeats the
 uninterrupted run's losses exactly. Multi-process data parallel runs through ``accelerate launch``: each process
 takes its slice of the global batch and the adapter gradients are averaged before the step.
+Recipe features live in their own modules: optimiser groups (LoRA+, per-rule lr multipliers) and classes in
+``optim``, the weight average in ``ema``, the held-out validation loss in ``validation``, previews at several
+strengths in ``preview``. Previews, validation and the export use the output weights (``_output_weights``: the EMA
+or schedule-free's average when the run keeps one), swapped in and back bit for bit.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import optim, validation
 from . import train_state as ckpt
 from .atomic import write_text as atomic_text
 from .config import ConfigError, TrainConfig
@@ -32,12 +39,18 @@ from .data import (
     Encoder,
     class_dir_default,
     denoise,
+    bucket_shapes,
     ensure_class_images,
-    scan_instance_dir,
+    masked_mean,
+    read_instances,
+    warn_long_captions,
 )
+from .buckets import model_multiple
+from .intake import parse_colour
+from .latent_cache import LatentCache, vae_fingerprint
+from .ema import EMA
 from .runlog import RunLog, plot_loss, read_log  # noqa: F401  (read_log: part of the API)
-
-EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+from .schedules import training_schedule
 
 
 class TrainingDiverged(RuntimeError):
@@ -62,6 +75,7 @@ class TrainEvent:
     lr: float
     preview: str | None = None
     checkpoint: str | None = None
+    val_loss: float | None = None  # on the held-out images, at the steps train.validation_every says
 
 
 @dataclass
@@ -76,11 +90,13 @@ class TrainResult:
     checkpoint: Path | None = None
     samples: list[Path] = field(default_factory=list)
     main_process: bool = True  # False on the other processes of a multi-process run (they write nothing)
+    resumed_from: Path | None = None  # the checkpoint this session continued from (None: started fresh)
 
 
 def train(config: TrainConfig, resume: str | Path | None = None, progress: bool = True, *, callback=None,
           cancel=None) -> TrainResult:
-    """Train adapters as ``config`` says. ``resume``: "latest" or a checkpoint folder. ``callback(TrainEvent)``
+    """Train adapters as ``config`` says. ``resume``: "auto", "latest" or a checkpoint folder (see
+    ``train_state.resolve``); ``result.resumed_from`` says which checkpoint it continued from. ``callback(TrainEvent)``
     after every step; ``cancel`` (anything with ``is_set()``, e.g. threading.Event) stops after the current step
     with a checkpoint."""
     trainer = Trainer(config, progress=progress, callback=callback, cancel=cancel)
@@ -121,9 +137,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
-        from diffusers import DDPMScheduler
-
         from .inject import attach
+        from .lowprec import lower_base
         from .models import load
 
         cfg, acc = self.cfg, self.acc
@@ -138,76 +153,76 @@ class Trainer:
             module.requires_grad_(False)
         pipe.vae.requires_grad_(False)
         self.resolution = cfg.data.resolution or self.model.resolution
-        instances = scan_instance_dir(cfg.data.instance_dir, self.resolution, prompt=cfg.data.instance_prompt,
-                                      caption_ext=cfg.data.caption_ext, skip_bad=cfg.data.skip_bad_images)
-        classes = None
-        if cfg.prior.enabled:
-            class_dir = Path(cfg.prior.class_dir or class_dir_default(self.run_dir, cfg.prior.class_prompt))
+        buckets = bucket_shapes(cfg.data, self.resolution, model_multiple(pipe))
+        plan = read_instances(cfg.data, self.resolution, buckets, class_prompt=cfg.prior.class_prompt)
+        plan, heldout = validation.hold_out(plan, cfg.train.validation_images, cfg.train.seed)
+        if acc.is_main_process:
+            warn_long_captions(pipe.tokenizer, plan.instances + plan.regs)
+        classes = list(plan.regs)  # the user's own regularisation images, then generated ones
+        for prompt in plan.class_prompts if cfg.prior.enabled else []:
+            class_dir = Path(cfg.prior.class_dir if cfg.prior.class_dir and len(plan.class_prompts) == 1
+                             else class_dir_default(cfg.prior.class_dir or self.run_dir, prompt))
             with acc.main_process_first():  # the main process generates, the others then read the cache
-                classes = ensure_class_images(self.model, class_dir, cfg.prior.class_prompt, cfg.prior.num_class_images,
-                                              resolution=self.resolution, steps=cfg.prior.sample_steps,
-                                              guidance=cfg.prior.guidance, seed=cfg.train.seed,
-                                              progress=self.progress and acc.is_main_process)
-        self.dataset = DreamBoothDataset(instances, classes, resolution=self.resolution, repeats=cfg.data.repeats,
-                                         crop=cfg.data.crop, flip=cfg.data.flip, seed=cfg.train.seed)
+                classes += ensure_class_images(self.model, class_dir, prompt, cfg.prior.num_class_images,
+                                               resolution=self.resolution, steps=cfg.prior.sample_steps,
+                                               guidance=cfg.prior.guidance, seed=cfg.train.seed,
+                                               progress=self.progress and acc.is_main_process)
+        self.dataset = DreamBoothDataset(plan.instances, classes, resolution=self.resolution, repeats=plan.repeats,
+                                         crop=cfg.data.crop, flip=cfg.data.flip, seed=cfg.train.seed, buckets=buckets,
+                                         upscale=cfg.data.bucket_upscale, max_pixels=cfg.data.max_pixels,
+                                         background=parse_colour(cfg.data.alpha_background))
+        self.val_views = validation.views(self.dataset, heldout) if heldout else None
 
         torch.manual_seed(cfg.train.seed)  # identical adapter init on every process
-        self.injection = attach(self.model.components(), cfg.rules(), self.model.arch,
+        components = self.model.components()
+        self.trained_encoders = cfg.train.trained_text_encoders(components)  # the others stay frozen and cached
+        adapted = {k: m for k, m in components.items() if k == "unet" or k in self.trained_encoders}
+        self.injection = attach(adapted, cfg.rules(), self.model.arch,
                                 svd_cache_dir=cfg.model.svd_cache_dir or self.run_dir / "svd_cache")
-        self.text_trained = cfg.train.train_text_encoder
+        # the frozen base in low precision (a CPU run has no autocast, so there its dtype stays fp32)
+        lower_base(adapted, self.injection, dtype=cfg.train.base_dtype if acc.mixed_precision != "no" else "fp32",
+                   quant=cfg.train.base_quant)
+        self.text_trained = bool(self.trained_encoders)
         if cfg.train.gradient_checkpointing:
             pipe.unet.enable_gradient_checkpointing()
-            if self.text_trained:
-                for key, enc in self.model.components().items():
-                    if key != "unet":
-                        enc.gradient_checkpointing_enable()
-        unet_params, text_params = [], []
-        for name, adapter in self.injection.adapters.items():
-            group = unet_params if self.injection.places[name].component == "unet" else text_params
-            group += [p for _, p in adapter.trainable_named_parameters() if p.requires_grad]
-        self.params = unet_params + text_params
-        groups = [{"params": unet_params, "lr": cfg.optim.lr_unet}]
-        if text_params:
-            groups.append({"params": text_params, "lr": cfg.optim.lr_text})
-        self.optimizer = acc.prepare(self._optimizer(groups))
+            for key in self.trained_encoders:
+                components[key].gradient_checkpointing_enable()
+        o = cfg.optim
+        optim.check_schedule(o.optimizer, cfg.schedule.scheduler)
+        named = optim.trainable(self.injection)
+        self.params = [p for _, p in named]
+        groups = optim.param_groups(self.injection, o.lr_unet, o.lr_text, o.lora_plus_ratio, lr_text_2=o.lr_text_2,
+                                    lr_multipliers=optim.rule_multipliers(self.injection, adapted, cfg.lr_multipliers()))
+        self.optimizer = acc.prepare(optim.build(o.optimizer, groups, betas=tuple(o.betas), eps=o.eps,
+                                                 weight_decay=o.weight_decay, device=self.device))
+        self.ema = EMA(named, cfg.train.ema_decay, cfg.train.ema_warmup_steps, cfg.train.ema_on_cpu) \
+            if cfg.train.ema_decay else None
 
         per_step = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
-        self.total_steps = cfg.train.steps or math.ceil(cfg.train.epochs * len(self.dataset) / per_step)
+        self.total_steps = cfg.train.steps or math.ceil(
+            cfg.train.epochs * self.dataset.num_batches(per_step // cfg.train.grad_accum) / cfg.train.grad_accum)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer.optimizer, _lr_lambda(cfg.schedule.scheduler, cfg.schedule.warmup_steps, self.total_steps))
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.prediction = self.noise_scheduler.config.prediction_type
-        if self.prediction not in ("epsilon", "v_prediction"):
-            raise ConfigError(f"the base scheduler predicts {self.prediction!r}; sdtune trains epsilon or v_prediction")
+        self.schedule = training_schedule(pipe.scheduler.config, cfg.train)
+        self.prediction = self.schedule.prediction
         self.noise_gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + acc.process_index)
         self.encoder = Encoder(self.model, cache_latents=cfg.data.cache_latents and cfg.data.crop == "center",
-                               cache_text=not self.text_trained, device=self.device)
-        self._orders: dict[int, list[int]] = {}
+                               cache_text=[k for k in components if k != "unet" and k not in self.trained_encoders],
+                               device=self.device, disk=LatentCache(cfg.data.latent_cache_dir, vae_fingerprint(pipe.vae))
+                               if cfg.data.latent_cache_dir else None)
+        self._batches: dict[int, list[list[int]]] = {}
         if acc.is_main_process:
             self._check_disk()
+            table = self.dataset.bucket_table()
+            atomic_text(self.run_dir / "buckets.txt", table + "\n")
+            print(table, flush=True)
             atomic_text(self.run_dir / "adapters.txt", self.injection.summary() + "\n")
             print(f"{len(self.injection.adapters)} adapters, {self.injection.num_params():,} trainable parameters "
                   f"(per module: {self.run_dir / 'adapters.txt'})", flush=True)
 
-    def _optimizer(self, groups) -> torch.optim.Optimizer:
-        o = self.cfg.optim
-        kwargs = dict(betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-        if o.optimizer == "adamw8bit":
-            if self.device.type != "cuda":
-                warnings.warn("optim.optimizer = 'adamw8bit' needs bitsandbytes on a CUDA GPU; using AdamW (fp32 "
-                              "states) on this device", stacklevel=3)
-            else:
-                try:
-                    import bitsandbytes as bnb
-                except ImportError:
-                    raise ConfigError("optim.optimizer = 'adamw8bit' needs bitsandbytes: pip install bitsandbytes "
-                                      "(or choose 'adamw')") from None
-                return bnb.optim.AdamW8bit(groups, **kwargs)
-        return torch.optim.AdamW(groups, **kwargs)
-
     def _check_disk(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        need = ckpt.bytes_needed(self.injection.num_params(), self.cfg.output.keep_checkpoints)
+        need = ckpt.bytes_needed(self.injection.num_params(), self.cfg.output.keep_checkpoints, self.ema is not None)
         free = shutil.disk_usage(self.run_dir).free
         if free < need:
             raise DiskSpaceError(f"{self.run_dir}: {free / 1e6:.1f} MB free, checkpoints and exports need about "
@@ -217,14 +232,12 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- data
     def micro_batch(self, k: int) -> list:
         """The views of global micro-batch ``k`` that this process trains on: instance views, then class views."""
-        n, b, p = len(self.dataset), self.cfg.train.batch_size, self.acc.num_processes
-        start = k * b * p + self.acc.process_index * b
-        items = []
-        for q in range(start, start + b):
-            epoch = q // n
-            if epoch not in self._orders:
-                self._orders = {epoch: self.dataset.order(epoch)}
-            items.append(self.dataset.item(self._orders[epoch][q % n], epoch))
+        b, p = self.cfg.train.batch_size, self.acc.num_processes
+        epoch, j = divmod(k, self.dataset.num_batches(b * p))
+        if epoch not in self._batches:  # every global micro-batch lies within one bucket
+            self._batches = {epoch: self.dataset.batches(epoch, b * p)}
+        mine = self._batches[epoch][j][self.acc.process_index * b:(self.acc.process_index + 1) * b]
+        items = [self.dataset.item(q, epoch) for q in mine]
         return [it[0] for it in items] + [it[1] for it in items if len(it) > 1]
 
     def loss(self, views) -> torch.Tensor:
@@ -236,10 +249,10 @@ class Trainer:
         return per[:b].mean() + self.cfg.prior.prior_loss_weight * per[b:].mean()
 
     @torch.no_grad()
-    def eval_loss(self, seed: int = 0, timesteps: tuple[int, ...] = (100, 300, 500, 700, 900)) -> float:
-        """Mean loss over every instance image (center crop) at fixed timesteps with fixed noise: comparable
-        before and after training, unlike the noisy per-step loss."""
-        views = [((ex.path, False), ex, False, None) for ex in self.dataset.instances]
+    def eval_loss(self, seed: int = 0, timesteps: tuple[int, ...] = validation.TIMESTEPS, views=None) -> float:
+        """Mean loss over ``views`` (default: every training instance image, center crop) at fixed timesteps with
+        fixed noise: comparable before and after training, unlike the noisy per-step loss."""
+        views = self.dataset.fixed_views() if views is None else views
         g = torch.Generator().manual_seed(seed)
         self._train_mode(False)
         try:
@@ -249,37 +262,43 @@ class Trainer:
         return float(torch.cat(per).mean())
 
     def per_sample_loss(self, views, gen: torch.Generator, t: torch.Tensor | None = None) -> torch.Tensor:
-        """‖f(z_t, t, c) − target‖² per sample (min-SNR-γ weighted if set); noise and t drawn from ``gen``."""
-        cfg, sched = self.cfg.train, self.noise_scheduler
-        z0 = self.encoder.latents(views, self.dataset)
+        """‖f(z_t, t, c) − target‖² per sample, averaged over the latent weighted by its mask (``data.masked_mean``)
+        and min-SNR-γ weighted if set; noise and t drawn from ``gen``. Views of different buckets (class images
+        beside a non-square batch) go through the U-Net in one call per bucket."""
+        cfg, sched = self.cfg.train, self.schedule
+        groups = self.dataset.groups(views)
+        if len(groups) > 1:  # views of different buckets (class images beside a non-square batch): one call each
+            per = torch.empty(len(views), device=self.device)
+            for idx in groups:
+                per[idx] = self.per_sample_loss([views[i] for i in idx], gen, None if t is None else t[idx])
+            return per
+        z0, mask = self.encoder.latents(views, self.dataset)
         noise = torch.randn(z0.shape, generator=gen)
         if cfg.noise_offset:
             noise += cfg.noise_offset * torch.randn((*z0.shape[:2], 1, 1), generator=gen)
         if t is None:
-            t = torch.randint(0, sched.config.num_train_timesteps, (len(z0),), generator=gen)
+            t = torch.randint(0, sched.num_timesteps, (len(z0),), generator=gen)
         noise, t = noise.to(z0), t.to(self.device)
-        zt = sched.add_noise(z0, noise, t)
+        zt = sched.noisy(z0, noise, t)
         hidden, pooled = self.encoder.text([ex.caption for _, ex, _, _ in views])
         with self.acc.autocast():
-            pred = denoise(self.model, zt, t, hidden, pooled)
-        target = noise if self.prediction == "epsilon" else sched.get_velocity(z0, noise, t)
-        per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        if cfg.min_snr_gamma:
-            acp = sched.alphas_cumprod.to(self.device)[t]
-            snr = acp / (1 - acp)
-            per = per * snr.clamp(max=cfg.min_snr_gamma) / (snr if self.prediction == "epsilon" else snr + 1)
-        return per
+            pred = denoise(self.model, zt, t, hidden, pooled, self.dataset.time_ids(views))
+        per = masked_mean(F.mse_loss(pred.float(), sched.target(z0, noise, t).float(), reduction="none"), mask)
+        return per * sched.loss_weight(t, min_snr_gamma=cfg.min_snr_gamma, debiased=cfg.debiased_estimation)
 
     # ------------------------------------------------------------------------------------------- loop
     def run(self, resume: str | Path | None = None) -> TrainResult:
         cfg, acc = self.cfg, self.acc
         main = acc.is_main_process
+        self.resumed_from = None
         start = self._resume(resume) if resume is not None else 0
         if main:
             ckpt.remove_partial(self.ckpt_dir)
             atomic_text(self.run_dir / "config.toml", cfg.to_toml())
-        log = RunLog(self.run_dir / "log.csv", start) if main else None
-        result = TrainResult(self.run_dir, "finished", start, self.total_steps, main_process=main)
+        log = RunLog(self.run_dir / "log.csv", start, wandb_project=cfg.output.wandb_project,
+                     config=cfg.to_dict()) if main else None
+        result = TrainResult(self.run_dir, "finished", start, self.total_steps, main_process=main,
+                             resumed_from=self.resumed_from)
         last_ckpt = ckpt.complete(self.ckpt_dir)[-1] if ckpt.complete(self.ckpt_dir) else None
         self._train_mode(True)
         bar = None
@@ -290,13 +309,16 @@ class Trainer:
         try:
             for step in range(start + 1, self.total_steps + 1):
                 loss_value, grad_norm = self.optimizer_step(step, last_ckpt)
-                lrs = self.lr_scheduler.get_last_lr()
+                lrs = self._scheduled_lrs()
                 result.losses.append(loss_value)
                 result.step = step
                 event = TrainEvent(step, self.total_steps, loss_value, lrs[0])
                 last = step == self.total_steps
+                if main and self.val_views and validation.due(step, cfg.train.validation_every, self.total_steps):
+                    with self._output_weights():
+                        event.val_loss = self.eval_loss(cfg.train.seed, views=self.val_views)
                 if main:
-                    log.write(step, loss_value, lrs, grad_norm, time.time() - t0)
+                    log.write(step, loss_value, lrs, grad_norm, time.time() - t0, event.val_loss)
                 every = cfg.output.checkpoint_every
                 if last or (every and step % every == 0):
                     last_ckpt = self._checkpoint(step)
@@ -304,6 +326,7 @@ class Trainer:
                 every = cfg.output.sample_every
                 if cfg.output.validation_prompts and (last or (every and step % every == 0)) and main:
                     event.preview = str(self.preview(step))
+                    log.preview(step, Path(event.preview))
                     result.samples.append(Path(event.preview))
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lrs[0]:.2e}")
@@ -343,6 +366,8 @@ class Trainer:
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.params, step)
         return loss_value, grad_norm
 
     def _average_gradients(self) -> None:
@@ -362,9 +387,20 @@ class Trainer:
             f"training diverged at step {step}: {what}. Stopped without saving; {where}. Lower the learning rate "
             f"(optim.lr_unet = {o.lr_unet:g}, try {o.lr_unet / 10:g}) and keep optim.grad_clip on.", step, last_ckpt)
 
+    def _scheduled_lrs(self) -> list[float]:
+        """[lr_unet, lr_text (if trained)] after the schedule (LoRA+ and block multipliers apply on top)."""
+        factor = self.lr_scheduler.get_last_lr()[0] / self.lr_scheduler.base_lrs[0]
+        o = self.cfg.optim
+        return [o.lr_unet * factor] + ([o.lr_text * factor] if self.text_trained else [])
+
+    def _output_weights(self):
+        """Context: the weights previews, validation and the export use (EMA / schedule-free average / raw)."""
+        use_ema = self.ema is not None and self.cfg.train.ema_outputs == "ema"
+        return optim.eval_weights(self.params, self.optimizer.optimizer, self.ema if use_ema else None)
+
     def _train_mode(self, on: bool) -> None:
         for key, module in self.model.components().items():
-            module.train(on and (key == "unet" or self.text_trained))
+            module.train(on and (key == "unet" or key in self.trained_encoders))
 
     # ------------------------------------------------------------------------------------------- outputs
     def _state(self, step: int) -> dict:
@@ -372,7 +408,7 @@ class Trainer:
                 * self.acc.num_processes, "total_steps": self.total_steps,
                 "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
                 "rng": ckpt.rng_state(self.noise_gen), "config": self.cfg.to_toml(),
-                "num_processes": self.acc.num_processes}
+                "num_processes": self.acc.num_processes} | ({"ema": self.ema.state_dict()} if self.ema else {})
 
     def _checkpoint(self, step: int) -> Path:
         """Save checkpoint ``step`` (main process) and redraw loss.png; every process waits for it."""
@@ -388,7 +424,12 @@ class Trainer:
         return bool(self.acc.reduce(flag, reduction="sum").item() > 0)
 
     def _resume(self, resume: str | Path) -> int:
-        path = ckpt.resolve(resume, self.ckpt_dir)
+        path = self.resumed_from = ckpt.resolve(resume, self.ckpt_dir)
+        if str(resume) == "auto" and self.acc.is_main_process:
+            print(f"--resume auto: resuming from {path}" if path else
+                  f"--resume auto: no complete checkpoint in {self.ckpt_dir}, starting fresh", flush=True)
+        if path is None:
+            return 0
         state, tensors = ckpt.load(path)
         if state["num_processes"] != self.acc.num_processes:
             warnings.warn(f"{path} was written by {state['num_processes']} process(es), this run has "
@@ -397,8 +438,21 @@ class Trainer:
             warnings.warn(f"the config differs from the one {path} was trained with; continuing with the new one",
                           stacklevel=3)
         self.injection.load_state_dict(tensors, strict=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"{path}: its optimiser state does not fit this run's ({e}): optim.optimizer, "
+                              f"optim.lora_plus_ratio, a rule's lr_multiplier or the trained encoders changed; "
+                              f"resume with the checkpoint's settings (its config.toml) or start a new run") from None
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if self.ema is not None:
+            if "ema" in state:
+                self.ema.load_state_dict(state["ema"])
+            else:
+                warnings.warn(f"{path} has no EMA state (trained without train.ema_decay): the average starts from "
+                              f"its weights", stacklevel=3)
+                self.ema = EMA(optim.trainable(self.injection), self.ema.decay, self.ema.warmup_steps,
+                               self.cfg.train.ema_on_cpu)
         ckpt.set_rng_state(state["rng"], self.noise_gen)
         if self.acc.process_index:  # each process has its own noise stream; offset it as at the start
             self.noise_gen.manual_seed(self.cfg.train.seed * 7919 + self.acc.process_index + 104729 * state["step"])
@@ -409,15 +463,20 @@ class Trainer:
 
     @torch.no_grad()
     def preview(self, step: int) -> Path:
-        """A grid of the validation prompts (one row each) from the live model with its adapters."""
-        from .sample import SampleRequest, generate, grid
+        """A grid of the validation prompts from the live model with its adapters: one row per prompt and
+        strength (``output.sample_strengths``)."""
+        from .preview import samples_at_strengths
+        from .sample import SampleRequest, grid
 
         o = self.cfg.output
         self._train_mode(False)
         try:
             req = SampleRequest(prompts=list(o.validation_prompts), seed=o.sample_seed, steps=o.sample_steps,
-                                guidance=o.sample_guidance, count=o.sample_count, size=self.resolution)
-            samples = generate(self.model, req, progress=False)
+                                guidance=o.sample_guidance, count=o.sample_count, size=self.resolution,
+                                guidance_rescale=o.sample_guidance_rescale,
+                                zero_terminal_snr=self.schedule.zero_terminal)
+            with self._output_weights():
+                samples = samples_at_strengths(self.model, self.injection, req, o.sample_strengths)
         finally:
             self._train_mode(True)
         path = self.run_dir / "samples" / f"step-{step:06d}.png"
@@ -427,14 +486,17 @@ class Trainer:
 
     def export(self) -> tuple[Path, Path]:
         """The final adapter: native ``adapter.sdtune`` and the A1111 ``adapter.safetensors``."""
-        from .formats.kohya import save_kohya
+        from .formats.kohya import DTYPES, save_kohya
 
         o = self.cfg.output
         native, kohya = self.run_dir / "adapter.sdtune", self.run_dir / "adapter.safetensors"
-        self.injection.save(native)
-        save_kohya(self.injection, kohya, dtype=EXPORT_DTYPES[o.export_dtype], resolution=self.resolution,
-                   output_name=o.name or self.run_dir.name, comment=f"sdtune train, {self.total_steps} steps",
-                   metadata={"ss_steps": str(self.total_steps), "ss_seed": str(self.cfg.train.seed),
-                             "ss_learning_rate": str(self.cfg.optim.lr_unet),
-                             "ss_num_train_images": str(len(self.dataset))})
+        with self._output_weights():  # the EMA or schedule-free average when the run keeps one
+            self.injection.save(native)
+            save_kohya(self.injection, kohya, dtype=DTYPES[o.export_dtype], resolution=self.resolution,
+                       output_name=o.name or self.run_dir.name, comment=f"sdtune train, {self.total_steps} steps",
+                       metadata={"ss_steps": str(self.total_steps), "ss_seed": str(self.cfg.train.seed),
+                                 "ss_learning_rate": str(self.cfg.optim.lr_unet),
+                                 "ss_num_train_images": str(len(self.dataset)),
+                                 "ss_v_parameterization": str(self.schedule.prediction == "v_prediction"),
+                                 "ss_zero_terminal_snr": str(self.schedule.zero_terminal)})
         return native, kohya

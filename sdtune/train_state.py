@@ -1,9 +1,10 @@
 """Resumable training checkpoints that survive a kill.
 
 A checkpoint is a folder ``checkpoints/step-000050/`` holding ``adapter.sdtune`` (the native adapter state) and
-``trainer.pt`` (optimizer, lr scheduler, RNG states, step, samples consumed, the resolved config). It is written
-into ``checkpoints/.tmp-…`` first, every file fsynced, then renamed into place with ``os.replace``: a folder named
-``step-*`` is always complete, and a kill during a save leaves only a ``.tmp-`` folder that the next run removes.
+``trainer.pt`` (optimizer, lr scheduler, RNG states, step, samples consumed, the resolved config, and the EMA
+weights when the run keeps them). It is written into ``checkpoints/.tmp-…`` first, every file fsynced, then renamed
+into place with ``os.replace``: a folder named ``step-*`` is always complete, and a kill during a save leaves only a
+``.tmp-`` folder that the next run removes.
 ``trainer.pt`` holds only tensors and plain Python values, so it loads with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .atomic import replace_dir
 
 PREFIX = "step-"
 
@@ -79,26 +82,26 @@ def save(folder: str | Path, step: int, injection, state: dict, keep: int) -> Pa
     torch.save(state, tmp / "trainer.pt")
     for p in (tmp / "adapter.sdtune", tmp / "trainer.pt", tmp):
         _fsync(p)
-    if final.exists():  # the same step saved again (e.g. cancelled right after a periodic save)
-        old = folder / f".tmp-old-{final.name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    replace_dir(tmp, final)  # the same step may be saved again (e.g. cancelled right after a periodic save)
     _fsync(folder)
     for stale in complete(folder)[:-keep]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
-def resolve(resume: str | Path, folder: str | Path) -> Path:
-    """``"latest"`` -> the newest complete checkpoint in ``folder``; a path -> that checkpoint (folder or trainer.pt)."""
-    if str(resume) == "latest":
+RESUME_HELP = ("auto (the newest complete checkpoint of the run folder if there is one, else start fresh) | latest "
+               "(the newest, an error if there is none) | a checkpoint folder")
+
+
+def resolve(resume: str | Path, folder: str | Path) -> Path | None:
+    """``"latest"`` -> the newest complete checkpoint in ``folder``; ``"auto"`` -> the same, or None (start fresh)
+    when there is none; a path -> that checkpoint (folder or trainer.pt)."""
+    if str(resume) in ("latest", "auto"):
         found = complete(folder)
-        if not found:
-            raise FileNotFoundError(f"--resume latest: no complete checkpoint in {folder}")
-        return found[-1]
+        if not found and str(resume) == "latest":
+            raise FileNotFoundError(f"--resume latest: no complete checkpoint in {folder} (--resume auto starts "
+                                    f"fresh when there is none)")
+        return found[-1] if found else None
     path = Path(resume)
     if path.name == "trainer.pt":
         path = path.parent
@@ -114,7 +117,8 @@ def load(path: Path) -> tuple[dict, dict]:
     return torch.load(path / "trainer.pt", map_location="cpu", weights_only=True), load_file(path / "adapter.sdtune")
 
 
-def bytes_needed(num_params: int, keep: int) -> int:
-    """Disk for ``keep`` + 1 checkpoints in flight (adapter fp32 + AdamW's two moments) and the final exports."""
-    per_checkpoint = num_params * 4 * 3 + 1_000_000
+def bytes_needed(num_params: int, keep: int, ema: bool = False) -> int:
+    """Disk for ``keep`` + 1 checkpoints in flight (adapter fp32 + AdamW's two moments [+ the EMA copy]) and the
+    final exports."""
+    per_checkpoint = num_params * 4 * (4 if ema else 3) + 1_000_000
     return per_checkpoint * (keep + 1) + num_params * 4 * 2 + 10_000_000

@@ -18,7 +18,7 @@ from torch import nn
 
 from sdtune.formats import FormatError, read_kohya, rebuild, save_kohya
 from sdtune.formats import metadata as md_
-from sdtune.formats.reader import AppliedFile
+from sdtune.apply import AppliedFile, apply_file, load
 
 # ------------------------------------------------------------------------------------------------ rebuild
 
@@ -384,7 +384,7 @@ def test_reader_rebuilds_foreign_file_and_applies_it_exactly(tmp_path):
             merged = w + d
             d = g64["dora_scale"] * merged / merged.norm(dim=0, keepdim=True) - w
         want[name] = w + 0.7 * d
-    applied = AppliedFile(comps, f, weight=0.7).apply()
+    applied = AppliedFile(comps, load(path, comps), weight=0.7).apply()
     for name, (c, p) in lookup.items():
         got = comps[c].get_submodule(p).weight
         assert rebuild.rel_error(got, want[name]) < 1e-6, name
@@ -394,8 +394,6 @@ def test_reader_rebuilds_foreign_file_and_applies_it_exactly(tmp_path):
 
 
 def test_applied_files_must_be_removed_in_reverse_order(tmp_path):
-    from sdtune.formats import apply_file
-
     comps = tiny_components()
     path = tmp_path / "f.safetensors"
     _raw_file(path, _foreign_groups())

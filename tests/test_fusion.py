@@ -1,4 +1,4 @@
-"""Multi-adapter fusion (sdtune.fusion, sdtune.fusion_math) on tiny real-layout models and random factors.
+"""Multi-adapter fusion (sdtune.fusion: api, math, zip, capture) on tiny real-layout models and random factors.
 
 Bounds, and why: fused ΔW vs an exact reference in float64 1e-10 relative (only QR/SVD round-off, ~1e-14);
 files written in float32 1e-6 (fp32 eps 6e-8 times the rank of the sums); orthogonality of exact constructions
@@ -11,15 +11,18 @@ import dataclasses
 import json
 import types
 
+import numpy as np
 import pytest
 import torch
 from helpers_adapters import perturb, write_adapter
 from helpers_formats import tiny_components
+from PIL import Image
 
-from sdtune import fusion
-from sdtune import fusion_math as fm
+from sdtune import apply, fusion
 from sdtune.adapters import AdapterSpec
+from sdtune.formats import FormatError
 from sdtune.formats.reader import read_kohya
+from sdtune.fusion import math as fm
 from sdtune.inject import attach
 
 METHODS = fusion.METHODS
@@ -45,7 +48,7 @@ def pair(comps, tmp_path_factory):
 
 
 def load(*paths):
-    return [fusion.load_input(p) for p in paths]
+    return [apply.load(p) for p in paths]
 
 
 def merger_for(inputs, seed=0):
@@ -53,9 +56,9 @@ def merger_for(inputs, seed=0):
     one input alone adapts is never learned; ``test_zip_...`` checks that on the model)."""
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for name in {n for i in inputs for n in i.parts}:
-        present = [k for k, i in enumerate(inputs) if name in i.parts]
-        d = inputs[present[0]].parts[name].factors[1].shape[1]
+    for name in {n for i in inputs for n in i.layers}:
+        present = [k for k, i in enumerate(inputs) if name in i.layers]
+        d = inputs[present[0]].layers[name].factors[1].shape[1]
         out[name] = {k: (0.5 + torch.rand(d, generator=g, dtype=torch.float64)) if len(present) > 1
                      else torch.ones(d, dtype=torch.float64) for k in present}
     return out
@@ -97,7 +100,7 @@ def test_sum_is_exact_concatenation(pair):
     for name in set(a) | set(b):
         want = a.get(name, 0) + -0.7 * b.get(name, 0)
         assert rel(res.delta(name), want) < 1e-6
-        ranks = [i.parts[name].factors[1].shape[0] for i in inputs if name in i.parts]
+        ranks = [i.layers[name].factors[1].shape[0] for i in inputs if name in i.layers]
         assert res.fused[name][1].shape[0] == sum(ranks)          # ranks add, nothing truncated
     assert max(r.error for r in res.layers) == 0.0
 
@@ -200,8 +203,8 @@ def test_output_file_reads_back_as_a1111(pair, tmp_path, method, comps):
     res = fuse(inputs, method, [1.0, 0.8])
     if method == "zip":   # Σ_i w_i ΔW_i diag(m_i) on the shared layers
         merger = merger_for(inputs)
-        for name in set(inputs[0].parts) & set(inputs[1].parts):
-            ref = sum(w * fm.dense(i.parts[name].factors) * merger[name][k]
+        for name in set(inputs[0].layers) & set(inputs[1].layers):
+            ref = sum(w * fm.dense(i.layers[name].factors) * merger[name][k]
                       for k, (i, w) in enumerate(zip(inputs, [1.0, 0.8])))
             assert rel(fm.dense(res.fused[name]), ref) < 1e-10
     out = tmp_path / "fused.safetensors"
@@ -229,9 +232,9 @@ def test_native_input_matches_its_export(comps, tmp_path):
     deltas = {n: a.delta_weight().detach().double() for n, a in inj.adapters.items()}
     inj.save(tmp_path / "native.sdtune")
     inj.detach()
-    with pytest.raises(fusion.FusionError, match="needs the base model"):
-        fusion.load_input(tmp_path / "native.sdtune")
-    res = fusion.fuse([fusion.load_input(tmp_path / "native.sdtune", comps, "sd1")], "sum")
+    with pytest.raises(FormatError, match="needs the base model"):
+        apply.load(tmp_path / "native.sdtune")
+    res = fusion.fuse([apply.load(tmp_path / "native.sdtune", comps, "sd1")], "sum")
     assert all(rel(res.delta(n), d) < 1e-5 for n, d in deltas.items())
 
 
@@ -262,10 +265,10 @@ def test_mismatched_architecture_or_base_is_a_clear_error(comps, tmp_path, pair)
         fusion.fuse([a, b])
     other = tiny_components()
     other["unet"].down_blocks[0].attentions[0].proj_in = torch.nn.Linear(32, 16)   # a "different base" layer
-    c = fusion.load_input(d / "a.safetensors")
+    c = apply.load(d / "a.safetensors")
     name = "lora_unet_down_blocks_0_attentions_0_proj_in"
-    c.parts[name] = fusion.LayerPart((torch.randn(16, 2, dtype=torch.float64),
-                                      torch.randn(2, 32, dtype=torch.float64)), (16, 32))
+    c.layers[name] = apply.LayerDelta((torch.randn(16, 2, dtype=torch.float64),
+                                     torch.randn(2, 32, dtype=torch.float64)), (16, 32))
     with pytest.raises(fusion.FusionError, match=f"base models differ: layer {name}"):
         fusion.fuse([a, c])
 
@@ -281,8 +284,8 @@ def test_cli_writes_the_fused_file(pair, tmp_path, capsys):
     text = capsys.readouterr().out
     assert rc == 0 and out.is_file()
     assert "TOTAL" in text and "lora_unet_down_blocks_0_attentions_0_proj_in" in text and "row space" in text
-    assert set(read_kohya(out).modules) == set(load(d / "a.safetensors")[0].parts) | set(
-        load(d / "b.safetensors")[0].parts)
+    assert set(read_kohya(out).modules) == set(load(d / "a.safetensors")[0].layers) | set(
+        load(d / "b.safetensors")[0].layers)
     rc = main(["fuse", str(d / "a.safetensors"), "--weights", "1,2", "-o", str(out)])
     assert rc == 2 and "2 weights for 1 inputs" in capsys.readouterr().err
 
@@ -295,12 +298,12 @@ def test_capture_activations_and_fuse_on_them(tiny_model, tmp_path):
     for k in range(2):
         paths.append(tmp_path / f"c{k}.safetensors")
         write_adapter(comps, paths[-1], [("attn", AdapterSpec("locon", rank=2))], 20 + k)
-    inputs = [fusion.load_input(p, comps, model.arch) for p in paths]
-    names = sorted(inputs[0].parts)
+    inputs = [apply.load(p, comps, model.arch) for p in paths]
+    names = sorted(inputs[0].layers)
     acts = [fusion.capture_activations(model, [p], names, columns=32, steps=1) for p in ("a sks star", "a red circle")]
     assert set(acts[0]) == set(names)
     for name, x in acts[0].items():
-        assert x.shape[0] == inputs[0].parts[name].factors[1].shape[1] and 0 < x.shape[1] <= 32
+        assert x.shape[0] == inputs[0].layers[name].factors[1].shape[1] and 0 < x.shape[1] <= 32
     res = fusion.fuse(inputs, "regmean", activations=acts)
     assert res.x_source == "activations"
     base = fusion.fuse(inputs, "sum", activations=acts)
@@ -313,14 +316,14 @@ def test_zip_merge_beats_sum_on_held_out_noise_and_its_file_is_what_it_learned(t
     denoise each concept's prompt closer to that concept's adapter alone than the plain sum does, on noise and
     timesteps it was not fitted on; and learning must leave the model as it was."""
     from sdtune.data import Encoder, denoise
-    from sdtune.formats.reader import apply_file
-    from sdtune.fusion_zip import ZipOptions, mean_cosine
+    from sdtune.apply import apply_file
+    from sdtune.fusion.zip import ZipOptions, mean_cosine
 
     comps = tiny_model.components()
     paths = [tmp_path / f"c{k}.safetensors" for k in range(2)]
     for k, p in enumerate(paths):
         write_adapter(comps, p, [("attn", AdapterSpec("locon", rank=2))], 30 + k, size=0.6)
-    inputs = [fusion.load_input(p, comps, tiny_model.arch) for p in paths]
+    inputs = [apply.load(p, comps, tiny_model.arch) for p in paths]
     prompts = [["a sks star"], ["a red circle in qtz style"]]
     before = {n: p.detach().clone() for n, p in comps["unet"].named_parameters()}
     grads = {n: p.requires_grad for n, p in comps["unet"].named_parameters()}
@@ -374,7 +377,7 @@ def test_cli_zip_learns_from_prompts(tiny_model, tmp_path, capsys):
     assert "'zip_loss'" in text and "in 2 steps" in text and "'merger_cos'" in text
     assert "captured activations" in text
     assert set(read_kohya(out, tiny_model.components(), tiny_model.arch).modules) == set(
-        fusion.load_input(paths[0]).parts)
+        apply.load(paths[0]).layers)
 
 
 def test_zip_needs_its_merger_and_one_prompt_set_per_input(pair, tiny_model):
@@ -387,13 +390,92 @@ def test_zip_needs_its_merger_and_one_prompt_set_per_input(pair, tiny_model):
 
 
 def test_layers_the_base_model_lacks_are_named(tiny_model, pair):
-    """capture_activations, zip_merger and merge_into all look layers up through base_layers."""
-    with pytest.raises(fusion.FusionError, match="2 layer.s. are not in the base model: lora_unet_nope, lora_te_x"):
-        fusion.base_layers(tiny_model, ["lora_unet_nope", "lora_te_x"])
+    """capture_activations, zip_merger, merge_into and composed sampling all look layers up through
+    apply.find_layers."""
+    with pytest.raises(FormatError, match="2 layer.s. are not in the base model: lora_unet_nope, lora_te_x"):
+        apply.find_layers(tiny_model.components(), tiny_model.arch, ["lora_unet_nope", "lora_te_x"])
     d, _, _ = pair
     res = fusion.fuse(load(d / "b.safetensors"), "sum")
     res.fused = {"lora_unet_nope": next(iter(res.fused.values()))}
     before = {n: p.clone() for n, p in tiny_model.pipeline.unet.named_parameters()}
-    with pytest.raises(fusion.FusionError, match="1 layer.s. are not in the base model: lora_unet_nope"):
+    with pytest.raises(FormatError, match="1 layer.s. are not in the base model: lora_unet_nope"):
         fusion.merge_into(tiny_model, res)
     assert all(torch.equal(p, before[n]) for n, p in tiny_model.pipeline.unet.named_parameters())   # nothing merged
+
+
+# --- everyone's files: metadata-less LyCORIS files in fuse, sample and merge ----------------------------------
+def lycoris_locon(model, path, seed):
+    """A LoCon file as LyCORIS's own LoConModule makes its tensors (rank 4, α 2; 3×3 convs keep their kernel on
+    ``lora_down``), on the U-Net's cross-attention and first-resnet layers, with no metadata at all: nothing in it
+    says which architecture it is for (the embedded model's text context is too narrow to tell SD1 from SD2).
+    Returns {kohya name: ΔW} by LyCORIS's own merge (``lycoris_merge``), the oracle."""
+    import copy
+
+    from helpers_formats import lycoris_merge
+    from lycoris.modules import LoConModule
+    from safetensors.torch import save_file
+
+    from sdtune.names import name_map
+
+    comps = model.components()
+    g = torch.Generator().manual_seed(seed)
+    tensors, layers = {}, {}
+    for name, (comp, module_path) in name_map(comps, model.arch).items():
+        if not name.startswith("lora_unet_") or not ("attn2_to" in name or "resnets_0_conv" in name):
+            continue
+        layers[name] = copy.deepcopy(comps[comp].get_submodule(module_path))
+        module = LoConModule(name, layers[name], 1.0, 4, 2.0)
+        with torch.no_grad():
+            module.lora_up.weight.copy_(torch.randn(module.lora_up.weight.shape, generator=g) * 0.1)
+        tensors |= {f"{name}.{k}": v.detach().clone().contiguous() for k, v in module.state_dict().items()}
+    save_file(tensors, str(path))
+    before = {n: m.weight.detach().clone() for n, m in layers.items()}
+    used, keys = lycoris_merge(path, layers)
+    assert used == keys
+    return {n: (m.weight.detach() - before[n]).double() for n, m in layers.items()}
+
+
+def test_metadata_less_lycoris_files_work_in_fuse_sample_and_merge(tiny_model, tmp_path, capsys):
+    """Issue 21 item 0: with the base model given, every command takes files that carry no metadata (the model
+    gives the architecture), and the ΔW they use is LyCORIS's own."""
+    from sdtune.cli import main
+    from sdtune.fusion.zip import ZipOptions
+    from sdtune.models import EMBEDDED, load
+
+    paths = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    deltas = [lycoris_locon(tiny_model, p, seed) for p, seed in zip(paths, (1, 2))]
+    assert read_kohya(paths[0]).arch is None and not read_kohya(paths[0]).metadata    # nothing to go by
+    comps = tiny_model.components()
+    inputs = [apply.load(p, comps, tiny_model.arch) for p in paths]
+    assert [i.arch for i in inputs] == ["sd1", "sd1"]
+    prompts = [["a sks star"], ["a red circle"]]
+    for method in METHODS:
+        options = ZipOptions(steps=2, batch=1, latents=2, sample_steps=2) if method == "zip" else method
+        res = fusion.fuse_on_model(tiny_model, inputs, options, [1.0, 0.5], progress=False,
+                                   prompts=prompts if method == "zip" else None)
+        assert res.arch == "sd1" and set(res.fused) == set(deltas[0])
+        if method == "sum":
+            for name in deltas[0]:
+                assert rel(res.delta(name), deltas[0][name] + 0.5 * deltas[1][name]) < 1e-6, name
+    out = tmp_path / "fused.safetensors"
+    assert main(["fuse", *map(str, paths), "--model", str(EMBEDDED), "--method", "orthogonal", "-o", str(out),
+                 "--totals-only"]) == 0
+    assert set(read_kohya(out, comps, tiny_model.arch).modules) == set(deltas[0])
+    # sample: the adapter changes the image
+    for folder, extra in (("with", ["--adapter", f"{paths[0]}:1.0"]), ("without", [])):
+        assert main(["sample", "a red star", "-n", "1", "--steps", "2", "-o", str(tmp_path / folder), *extra]) == 0
+    with_, without = (np.asarray(Image.open(next((tmp_path / f).glob("0*.png"))), dtype=float)
+                      for f in ("with", "without"))
+    assert np.abs(with_ - without).mean() > 0.5
+    # merge: the checkpoint holds W + 0.5·ΔW_LyCORIS
+    merged = tmp_path / "merged.safetensors"
+    assert main(["merge", f"{paths[0]}:0.5", "-o", str(merged), "--dtype", "fp32"]) == 0
+    capsys.readouterr()
+    back = load(merged, config=EMBEDDED).components()
+    from sdtune.names import name_map
+
+    table = name_map(comps, tiny_model.arch)
+    for name, delta in deltas[0].items():
+        comp, module_path = table[name]
+        got = (back[comp].get_submodule(module_path).weight - comps[comp].get_submodule(module_path).weight).detach()
+        assert rel(got, 0.5 * delta) < 1e-5, name

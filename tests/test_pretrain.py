@@ -35,3 +35,46 @@ def test_continue_pretraining_trains_on_and_records_the_stage(tmp_path):
     assert record["continued"][0]["command"].startswith(f"python -m sdtune.pretrain --continue-from {folder}")
     assert record["continued"][0]["command"].endswith("--style-rate 0.5") and record["continued"][0]["style_rate"] == 0.5
     assert not folder.with_name("m.partial").exists() and not folder.with_name("m.old").exists()
+
+
+def test_continue_pretraining_makes_a_v_prediction_twin(tmp_path):
+    import json
+
+    folder = P.pretrain(tmp_path / "m", vae_steps=1, unet_steps=1, n_images=8, vae_batch=2, unet_batch=2, seed=3)
+    twin = P.continue_pretraining(folder, unet_steps=1, n_images=8, unet_batch=2, out=tmp_path / "v",
+                                  prediction_type="v_prediction", zero_terminal_snr=True)
+    sched = load(twin).pipeline.scheduler.config
+    assert sched.prediction_type == "v_prediction" and sched.rescale_betas_zero_snr
+    assert sched.timestep_spacing == "trailing"
+    assert load(folder).pipeline.scheduler.config.prediction_type == "epsilon"  # the source is left as it was
+    stage = json.loads((twin / "PRETRAINING.json").read_text())["continued"][-1]
+    assert stage["prediction_type"] == "v_prediction" and stage["zero_terminal_snr"]
+    assert stage["command"].endswith(f"--out {twin} --prediction-type v_prediction --zero-terminal-snr")
+
+
+def test_sdxl_base_has_sdxls_module_tree_and_pretrains(tmp_path):
+    """The embedded SDXL base's layout: every U-Net module name of the published SDXL exists in it with the same
+    block structure (A1111 maps SDXL adapters by that structure), it fits the size budget, and a few pretraining
+    steps write a StableDiffusionXLPipeline folder that loads offline as SDXL and samples."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdtune.archs import build_unet
+    from sdtune.models import EMBEDDED
+    from sdtune.sample import SampleRequest, generate
+
+    published = build_unet("sdxl", device="meta")
+    tok = CLIPTokenizer.from_pretrained(EMBEDDED / "tokenizer")
+    unet, tes = P.build_sdxl(tok)
+    assert [n for n, _ in unet.named_modules()] == [n for n, _ in published.named_modules()]
+    assert [type(m).__name__ for m in unet.modules()] == [type(m).__name__ for m in published.modules()]
+    n_params = sum(p.numel() for m in (unet, *tes) for p in m.parameters())
+    assert n_params * 2 < 20e6  # fp16 bytes: with the 2.7 MB VAE, well under 25 MB
+
+    folder = P.pretrain_sdxl(tmp_path / "xl", base=EMBEDDED, unet_steps=2, n_images=8, unet_batch=2, seed=1)
+    model = load(folder)
+    assert model.arch == "sdxl" and isinstance(model.pipeline, StableDiffusionXLPipeline)
+    assert model.pipeline.unet.dtype == torch.float32 and model.resolution == tw.IMAGE_SIZE
+    assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) < 25e6
+    image = generate(model, SampleRequest(["a red star"], steps=2), progress=False)[0].image
+    assert image.size == (tw.IMAGE_SIZE, tw.IMAGE_SIZE)

@@ -107,9 +107,11 @@ def _cancel_at(step: int):
 
 
 def test_resume_repeats_the_uninterrupted_run_exactly(shared, tmp_path):
-    # the hard settings: accumulation, warm-up + cosine, random crops and flips, prior preservation, noise offset
+    # the hard settings: accumulation, warm-up + cosine, random crops and flips, prior preservation, noise offset,
+    # EMA with warm-up (the export is the average, so the adapter check below covers it), LoRA+ groups
     extra = ["train.steps=6", "train.grad_accum=2", "schedule.scheduler=cosine", "schedule.warmup_steps=2",
              "data.crop=random", "data.flip=true", "train.noise_offset=0.05", "train.min_snr_gamma=5",
+             "train.ema_decay=0.8", "train.ema_warmup_steps=2", "optim.lora_plus_ratio=4",
              "output.validation_prompts=[]"]
     full = train(config(shared, tmp_path / "a", *extra), progress=False)
     cfg = config(shared, tmp_path / "b", *extra)
@@ -124,6 +126,8 @@ def test_resume_repeats_the_uninterrupted_run_exactly(shared, tmp_path):
                                                         read_log(tmp_path / "a" / "log.csv"))]
     a, b = load_file(tmp_path / "a" / "adapter.sdtune"), load_file(tmp_path / "b" / "adapter.sdtune")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ema_a, ema_b = ckpt.load(full.checkpoint)[0]["ema"], ckpt.load(rest.checkpoint)[0]["ema"]
+    assert ema_a.keys() == a.keys() and all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
 
 
 def test_sigkill_mid_run_resumes_from_the_last_checkpoint(shared, tmp_path):
@@ -249,7 +253,7 @@ def test_data_guards(tmp_path):
     Image.new("RGB", (32, 48)).save(small / "tiny.png")
     with pytest.raises(DataError, match=r"tiny.png: 32×48 is smaller than the training resolution 64"):
         scan_instance_dir(small, 64, prompt="x")
-    with pytest.raises(DataError, match="tiny.png has no caption file tiny.txt"):
+    with pytest.raises(DataError, match="tiny.png: no caption: write tiny.txt"):
         scan_instance_dir(small, 32, prompt=None)
     (small / "tiny.txt").write_text("a sks star\n")
     assert scan_instance_dir(small, 32, prompt=None)[0].caption == "a sks star"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,11 +14,16 @@ from safetensors.torch import save_file
 
 from sdtune import toyworld as tw
 from sdtune.train import TrainResult
+from sdtune.resources import recipes
 from webui import training, workspace
-from webui.app import _is_loopback
 from webui.studio import Studio, parse_weights
-from webui.training import TrainForm, build_config, recipe_targets
+from webui.training import TrainForm, build_config, form_defaults
 from webui.workspace import Refused
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 TARGETS = {"attn": ("locon", 2, None), "resnet": ("flora", 2, 4.0), "sample": ("off", 8, None),
            "te": ("off", 8, None)}
@@ -47,6 +53,22 @@ def test_non_image_uploads_are_refused_and_nothing_is_kept(studio, images, tmp_p
     assert not studio.job.busy
 
 
+def test_a_refused_training_request_writes_nothing(studio, images):
+    """Issue 18: the whole form (numbers, prompts, targets, image headers) is checked before any upload is copied."""
+    bad_requests = [dict(steps=0), dict(lr=0), dict(lr_text=-1), dict(name="../x", steps=None),
+                    dict(targets={p: ("off", 2, None) for p in TARGETS})]
+    for bad in bad_requests:
+        args = dict(prompt="a sks star", targets=TARGETS, steps=2, lr=1e-3, name="x", lr_text=None) | bad
+        with pytest.raises(Refused):
+            studio.train_start("demo", images, "", args["prompt"], "", args["targets"], args["steps"], args["lr"],
+                               args["name"], None, args["lr_text"])
+    studio.ws.max_pixels = 63 * 63  # the toy images are 64 × 64: over the cap, refused from the header
+    with pytest.raises(Refused, match="megapixels"):
+        studio.train_start("demo", images, "", "a sks star", "", TARGETS, 2, 1e-3, "x")
+    assert list(studio.ws.uploads.iterdir()) == [] and list(studio.ws.runs.iterdir()) == []
+    assert not studio.job.busy
+
+
 def test_paths_outside_the_workspace_are_refused(studio, tmp_path, images):
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -73,7 +95,7 @@ def test_paths_outside_the_workspace_are_refused(studio, tmp_path, images):
 def test_a_second_training_is_refused_while_one_runs_and_cancel_stops_it(studio, images, monkeypatch):
     started = threading.Event()
 
-    def fake_train(config, progress, callback, cancel):  # sdtune.train.train's hooks: callback and cancel
+    def fake_train(config, *, callback, cancel, **_):  # sdtune.train.train's hooks: callback and cancel
         started.set()
         assert cancel.wait(30)
         return TrainResult(Path(config.output.dir), "cancelled", 1, config.train.steps)
@@ -106,7 +128,9 @@ def test_invalid_or_oversized_safetensors_are_refused(studio, tmp_path, monkeypa
     truncated.write_bytes(good.read_bytes()[:-8])
     empty = tmp_path / "empty.safetensors"
     save_file({}, empty)
-    for bad in (garbage, pickled, ckpt, truncated, empty):
+    no_adapter = tmp_path / "foo.safetensors"
+    save_file({"foo": torch.zeros(3)}, no_adapter)
+    for bad in (garbage, pickled, ckpt, truncated, empty, no_adapter):
         with pytest.raises(Refused):
             studio.library_import([str(bad)])
     monkeypatch.setattr(workspace, "MAX_ADAPTER_BYTES", 16)
@@ -152,17 +176,19 @@ def test_sample_composed_puts_each_adapter_on_its_phrase(studio, tiny_model, tmp
         studio.sample("a [sks] star [3:in qtz style]", "", 0, 2, 5.0, 0, 1, names, "", True)
 
 
-def test_config_from_recipe_and_form(studio, images):
-    folder = studio.ws.store_images(images)
-    form = TrainForm("demo", folder, "a sks star", "", TARGETS | {"te": ("locon", 4, 0.5)}, steps=8, lr=2e-3)
+def test_config_from_recipe_and_form(studio):
+    folder = studio.ws.root / "datasets" / "sks"
+    form = TrainForm("demo", folder, "a sks star", "", TARGETS | {"te": ("locon", 4, 0.5)}, steps=8, lr=2e-3,
+                     lr_text=3e-4)
     run = studio.ws.runs / "r"
     cfg = build_config(form, run, studio.ws, None)
     assert [(r.preset, r.algorithm, r.rank) for r in cfg.adapters] == [("attn", "locon", 2), ("resnet", "flora", 2),
                                                                         ("te", "locon", 4)]
     assert cfg.adapters[1].scale == 4.0 and cfg.adapters[2].alpha == 2.0 and cfg.train.train_text_encoder
-    assert cfg.train.steps == 8 and cfg.optim.lr_unet == 2e-3 and not cfg.prior.enabled
+    assert cfg.train.steps == 8 and cfg.optim.lr_unet == 2e-3 and cfg.optim.lr_text == 3e-4 and not cfg.prior.enabled
     assert cfg.model.path is None and cfg.data.instance_dir == str(folder) and cfg.output.dir == str(run)
     assert cfg.output.validation_prompts == ["a sks star"] and cfg.output.sample_every == 2
+    assert not folder.exists() and list(studio.ws.runs.iterdir()) == []  # building a config writes nothing
     cfg = build_config(TrainForm("demo", folder, "a sks star", "../../a star", TARGETS), run, studio.ws, "/models/x")
     assert cfg.prior.enabled and cfg.prior.class_prompt == "../../a star"
     assert Path(cfg.prior.class_dir).parent == studio.ws.class_images  # the prompt names a folder, safely
@@ -171,27 +197,55 @@ def test_config_from_recipe_and_form(studio, images):
     assert cfg.train.seed == 7
     with pytest.raises(Refused, match="at least one"):
         build_config(TrainForm("demo", folder, "a", "", {p: ("off", 2, None) for p in TARGETS}), run, studio.ws, None)
-    assert recipe_targets("demo")["te"][0] == "locon"  # demo trains the text encoder
+    for bad, match in ((dict(steps=0), "steps"), (dict(steps=2.5), "steps"), (dict(lr=0), "U-Net"),
+                       (dict(lr_text=float("nan")), "text encoder"), (dict(instance_prompt=""), "instance prompt"),
+                       (dict(targets=TARGETS | {"attn": ("locon", 0, None)}), "attn rank")):
+        with pytest.raises(Refused, match=match):
+            build_config(replace(form, **bad), run, studio.ws, None)
 
 
-def test_only_loopback_counts_as_private():
-    assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("localhost")
-    assert not _is_loopback("0.0.0.0") and not _is_loopback("192.168.1.5")
+def test_the_form_as_a_recipe_fills_it_is_the_recipe(studio):
+    """Issue 15: choosing a recipe fills the form with its steps, learning rates, targets and ranks; the config the
+    form then builds trains what the recipe says, with the UI's own paths and previews."""
+    for name, path in recipes().items():
+        raw = tomllib.loads(path.read_text())
+        d = form_defaults(name)
+        assert d.steps == raw["train"]["steps"] and d.lr == raw["optim"]["lr_unet"]
+        assert d.lr_text == raw["optim"].get("lr_text", 5e-5)
+        for rule in raw["adapters"]:
+            assert d.targets[rule["preset"]][:2] == (rule["algorithm"], rule["rank"])
+        assert (d.targets["te"][0] != "off") == bool(raw["train"].get("train_text_encoder"))
+    d = form_defaults("demo")
+    d.instance_dir, d.captioned = studio.ws.root / "datasets" / "sks", True
+    cfg = build_config(d, studio.ws.runs / "r", studio.ws, None)
+    recipe = training._load("demo")
+    assert cfg.optim == recipe.optim and cfg.schedule == recipe.schedule and cfg.train == recipe.train
+    assert [(r.preset, r.spec()) for r in cfg.adapters] == recipe.rules()
+    assert cfg.prior.enabled and cfg.prior.class_prompt == recipe.prior.class_prompt
+    assert cfg.prior.num_class_images == recipe.prior.num_class_images
+    assert cfg.data.instance_prompt is None  # the demo's images carry their .txt captions
 
 
 def test_sdtune_ui_command_launches_on_loopback_by_default(monkeypatch, tmp_path):
     import webui.app
+    import webui.server
     from sdtune.cli import main
 
-    real_launch, calls = webui.app.launch, []
-    monkeypatch.setattr(webui.app, "launch", lambda **kw: calls.append(kw))
+    real_launch, calls = webui.server.launch, []
+    monkeypatch.setattr(webui.server, "launch", lambda **kw: calls.append(kw))
     assert main(["ui", "--workspace", str(tmp_path), "--port", "7999"]) == 0
+    assert main(["ui", "--workspace", str(tmp_path), "--host", "0.0.0.0", "--allowed-host", "studio.lan"]) == 0
     assert calls == [{"host": "127.0.0.1", "port": 7999, "workspace": str(tmp_path), "share": False,
-                      "model_source": None}]
+                      "model_source": None, "allowed_host": None},
+                     {"host": "0.0.0.0", "port": 7860, "workspace": str(tmp_path), "share": False,
+                      "model_source": None, "allowed_host": ["studio.lan"]}]
 
     def stop(*args):
         raise RuntimeError("stopped before serving")
 
     monkeypatch.setattr(webui.app, "build_app", stop)
-    with pytest.warns(UserWarning, match="anyone who can reach it"), pytest.raises(RuntimeError, match="stopped"):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", "")  # launch points them into the workspace; monkeypatch restores them
+    monkeypatch.setenv("GRADIO_EXAMPLES_CACHE", "")
+    with pytest.warns(UserWarning, match="anyone who can reach it.*--allowed-host"), \
+            pytest.raises(RuntimeError, match="stopped"):
         real_launch(host="0.0.0.0", workspace=tmp_path)

@@ -1,33 +1,31 @@
 """The sdtune web app (Gradio Blocks): Train, Blend, Sample and Library tabs over the sdtune API.
 
-    sdtune ui --workspace ~/sdtune-ws          # http://127.0.0.1:7860
-    python -m webui.app --workspace ws         # the same
-
 Layout only: each button calls one ``Studio`` method (``webui/studio.py``), which calls the same sdtune functions
-as the CLI. Refusals (``Refused``) and API errors are shown as Gradio error toasts.
+as the CLI. Refusals (``Refused``) and API errors are shown as Gradio error toasts, with workspace-relative paths.
+Serving it (temp folder, Host check) is ``webui/server.py``: import this module only after that set-up.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import html
-import ipaddress
-import warnings
 from pathlib import Path
 
 import gradio as gr
 import pandas as pd
+from gradio.utils import get_upload_folder
 
 from sdtune.adapters.base import ALGORITHMS
 from sdtune.config import ConfigError
 from sdtune.formats.reader import FormatError
 from sdtune.fusion import METHODS, FusionError
 from sdtune.inject import PRESETS
+from sdtune.intake import DEFAULT_MAX_PIXELS
 from sdtune.models import ModelLoadError
+from sdtune.resources import recipes
 
 from .studio import Studio
-from .training import OFF, recipe_targets, recipes
-from .workspace import MAX_ADAPTER_BYTES, Refused
+from .training import OFF, TrainForm, form_defaults
+from .workspace import MAX_ADAPTER_BYTES, MiB, Refused, Workspace
 
 USER_ERRORS = (Refused, ConfigError, FormatError, FusionError, ModelLoadError, FileNotFoundError, ValueError)
 TARGET_HELP = {"attn": "attention + feed-forward", "resnet": "ResNet convs", "sample": "down/up-sample convs",
@@ -35,17 +33,42 @@ TARGET_HELP = {"attn": "attention + feed-forward", "resnet": "ResNet convs", "sa
 LIBRARY_HEADERS = ["file", "MB", "arch", "algorithms", "modules", "parameters"]
 CSS = """#train-preview img, #sample-gallery img { image-rendering: pixelated; }
 #train-preview img { width: 100%; height: 100%; object-fit: contain; }"""  # toy-world images are 64 px
+DELETE_CACHE = (600, 3600)  # every 10 min, Gradio deletes its cached uploads and copies older than an hour
 
 
-def _shown(fn):
-    """Run a handler; user errors become a Gradio error message instead of a stack trace."""
-    @functools.wraps(fn)
-    def run(*args):
-        try:
-            return fn(*args)
-        except USER_ERRORS as e:
-            raise gr.Error(str(e), print_exception=False) from None
-    return run
+class Uploads:
+    """Files Gradio received for this app: they must lie in its upload folder (``GRADIO_TEMP_DIR``, private to
+    the workspace); a FileData naming any other path is refused, and refused files are deleted."""
+
+    def __init__(self):
+        self.folder = Path(get_upload_folder()).resolve()
+
+    def paths(self, files) -> list[str]:
+        paths = [str(f) for f in files or []]
+        for p in paths:
+            if not Path(p).resolve().is_relative_to(self.folder):
+                raise Refused(f"{Path(p).name}: not a file uploaded to this server")
+        return paths
+
+    def discard(self, paths) -> None:
+        for p in paths:
+            if Path(p).resolve().is_relative_to(self.folder):
+                Path(p).unlink(missing_ok=True)
+
+
+def _shown(ws: Workspace, uploads: Uploads):
+    """Decorator: user errors become a Gradio error message (workspace-relative paths, no stack trace); the
+    uploaded files a refusal names are deleted."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args):
+            try:
+                return fn(*args)
+            except USER_ERRORS as e:
+                uploads.discard(getattr(e, "files", ()))
+                raise gr.Error(ws.shown(str(e)), print_exception=False) from None
+        return run
+    return wrap
 
 
 def _progress_html(state) -> str:
@@ -55,14 +78,23 @@ def _progress_html(state) -> str:
             f"style='width:100%'></progress> {pct:.0f}%</div>")
 
 
-def build_app(workspace: Path, model_source=None) -> gr.Blocks:
-    studio = Studio(workspace, model_source)
-    ws = studio.ws
-    names = list(recipes())
-    first = "demo" if "demo" in names else (names[0] if names else None)
-    defaults = recipe_targets(first) if first else {p: (OFF, 8, None) for p in PRESETS}
+def _form_values(d: TrainForm) -> list:
+    """The Train form's fields that a recipe fills (``recipe_fields`` in build_app): steps, rates, seed, class prompt,
+    then algorithm, rank, scale per target."""
+    return [d.steps, d.lr, d.lr_text, d.seed, d.class_prompt,
+            *[v or 0 for p in PRESETS for v in d.targets[p]]]
 
-    with gr.Blocks(title="sdtune", analytics_enabled=False) as app:
+
+def build_app(workspace: Path, model_source=None, max_pixels: int = DEFAULT_MAX_PIXELS) -> gr.Blocks:
+    studio = Studio(workspace, model_source, max_pixels)
+    ws = studio.ws
+    uploads = Uploads()
+    guarded = _shown(ws, uploads)
+    names = list(recipes())
+    first = "demo" if "demo" in names else names[0]
+    defaults = form_defaults(first)
+
+    with gr.Blocks(title="sdtune", analytics_enabled=False, delete_cache=DELETE_CACHE) as app:
         app.studio = studio
         gr.Markdown(f"## sdtune — train, blend and sample adapters\nWorkspace `{ws.root}` · base model "
                     f"`{model_source or 'embedded tiny-sd'}`")
@@ -76,27 +108,31 @@ def build_app(workspace: Path, model_source=None) -> gr.Blocks:
                         folder = gr.Dropdown(ws.image_folders(), value=None, allow_custom_value=True,
                                              label="…or a folder of images inside the workspace",
                                              elem_id="train-folder")
-                        instance_prompt = gr.Textbox(label="Instance prompt", placeholder="a sks star",
+                        instance_prompt = gr.Textbox(defaults.instance_prompt, label="Instance prompt (blank = each "
+                                                     "image's .txt caption)", placeholder="a sks star",
                                                      elem_id="train-prompt")
-                        class_prompt = gr.Textbox(label="Class prompt (prior preservation; blank = off)",
-                                                  placeholder="a star", elem_id="train-class")
+                        class_prompt = gr.Textbox(defaults.class_prompt, label="Class prompt (prior preservation; "
+                                                  "blank = off)", placeholder="a star", elem_id="train-class")
                 with gr.Row():
-                    recipe = gr.Dropdown(names, value=first, label="Recipe (train_configs/*.toml)")
-                    steps = gr.Number(100, label="Steps", precision=0, elem_id="train-steps")
-                    lr = gr.Number(1e-4, label="Learning rate (U-Net)", elem_id="train-lr")
-                    seed = gr.Number(0, label="Seed (adapter init, data order)", precision=0, elem_id="train-seed")
+                    recipe = gr.Dropdown(names, value=first, label="Recipe (fills the form below)",
+                                         elem_id="train-recipe")
+                    steps = gr.Number(defaults.steps, label="Steps", precision=0, elem_id="train-steps")
+                    lr = gr.Number(defaults.lr, label="Learning rate (U-Net)", elem_id="train-lr")
+                    lr_text = gr.Number(defaults.lr_text, label="Learning rate (text encoder)", elem_id="train-lr-text")
+                    seed = gr.Number(defaults.seed, label="Seed (adapter init, data order)", precision=0,
+                                     elem_id="train-seed")
                     run_name = gr.Textbox("adapter", label="Name", elem_id="train-name")
                 gr.Markdown("**Adapter per target** — scale is α/rank for LoCon/DoRA, s for FLoRA (0 = default)")
                 target_inputs = []
                 with gr.Row():
                     for preset in PRESETS:
-                        algo, rank, scale = defaults[preset]
+                        algo, rank, scale = defaults.targets[preset]
                         with gr.Column(min_width=200):
                             target_inputs += [
                                 gr.Dropdown([OFF, *ALGORITHMS], value=algo, label=f"{preset}: {TARGET_HELP[preset]}",
                                             elem_id=f"target-{preset}"),
-                                gr.Number(rank, label="rank", precision=0, minimum=1),
-                                gr.Number(scale or 0, label="scale", minimum=0)]
+                                gr.Number(rank, label="rank", precision=0, minimum=1, elem_id=f"target-{preset}-rank"),
+                                gr.Number(scale or 0, label="scale", minimum=0, elem_id=f"target-{preset}-scale")]
                 with gr.Row():
                     start = gr.Button("Start training", variant="primary", elem_id="train-start")
                     cancel = gr.Button("Cancel", variant="stop", elem_id="train-cancel")
@@ -123,6 +159,9 @@ def build_app(workspace: Path, model_source=None) -> gr.Blocks:
                                            "(needed by zip; with them, interference is measured on these prompts)",
                                            lines=2, placeholder="a sks star\na red circle in qtz style; a blue star "
                                            "in qtz style", elem_id="blend-prompts")
+                blend_blocks = gr.Textbox(label="Block weights (A1111 notation: a preset such as MIDD, a 17-value "
+                                          "SD1 / 12-value SDXL vector, or BLOCK=VALUE pairs; blank = none)",
+                                          placeholder="MIDD", elem_id="blend-blocks")
                 blend_btn = gr.Button("Blend", variant="primary", elem_id="blend-run")
                 totals = gr.Dataframe(headers=["adapter", "weight", "interference"], label="Interference "
                                       "‖W_fused·x − W_i·x‖ / ‖ΔW_i·x‖ (0 = untouched)", elem_id="blend-totals")
@@ -143,6 +182,8 @@ def build_app(workspace: Path, model_source=None) -> gr.Blocks:
                         composed = gr.Checkbox(False, label="Compose: each adapter only on its own [bracketed] phrase, "
                                                             "in the order picked: 'a [sks] star [in qtz style]'",
                                                elem_id="sample-compose")
+                        sample_blocks = gr.Textbox(label="Block weights (A1111 notation, blank = none)",
+                                                   placeholder="MIDD or mid_block=0,te=0.5", elem_id="sample-blocks")
                     with gr.Column():
                         sample_seed = gr.Number(0, label="Seed", precision=0)
                         sample_steps = gr.Slider(1, 150, 20, step=1, label="Steps", elem_id="sample-steps")
@@ -160,7 +201,7 @@ def build_app(workspace: Path, model_source=None) -> gr.Blocks:
                     chosen = gr.Dropdown(ws.adapters(), label="Adapter", elem_id="library-pick")
                     delete = gr.Button("Delete", variant="stop", elem_id="library-delete")
                 details = gr.Code(label="inspect", language=None, elem_id="library-details")
-                uploads = gr.File(label=f"Import .safetensors (≤ {MAX_ADAPTER_BYTES // 2**20} MB)",
+                imports = gr.File(label=f"Import .safetensors (≤ {MAX_ADAPTER_BYTES // MiB} MiB)",
                                   file_count="multiple", file_types=[".safetensors"], elem_id="library-upload")
                 lib_status = gr.Markdown(elem_id="library-status")
 
@@ -175,16 +216,17 @@ def build_app(workspace: Path, model_source=None) -> gr.Blocks:
         for tab in (train_tab, blend_tab, sample_tab, library_tab):
             tab.select(refresh, None, lists, show_progress="hidden")
 
-        recipe.change(lambda r: [v or 0 for p in PRESETS for v in recipe_targets(r)[p]], recipe, target_inputs)
+        recipe_fields = [steps, lr, lr_text, seed, class_prompt, *target_inputs]  # _form_values' order
+        recipe.change(guarded(lambda r: _form_values(form_defaults(r))), recipe, recipe_fields)
 
-        @_shown
-        def on_start(rec, files, fold, ip, cp, n, rate, sd, name, *tvals):
-            targets = {p: (tvals[3 * i], tvals[3 * i + 1] or 1, tvals[3 * i + 2]) for i, p in enumerate(PRESETS)}
-            studio.train_start(rec, files, fold, ip, cp, targets, n, rate, name, sd)
+        @guarded
+        def on_start(rec, files, fold, ip, cp, n, rate, rate_text, sd, name, *tvals):
+            targets = {p: (tvals[3 * i], tvals[3 * i + 1], tvals[3 * i + 2]) for i, p in enumerate(PRESETS)}
+            studio.train_start(rec, uploads.paths(files), fold, ip, cp, targets, n, rate, name, sd, rate_text)
             return _progress_html(studio.job.snapshot())
 
-        start.click(on_start, [recipe, images, folder, instance_prompt, class_prompt, steps, lr, seed, run_name,
-                               *target_inputs], progress)
+        start.click(on_start, [recipe, images, folder, instance_prompt, class_prompt, steps, lr, lr_text, seed,
+                               run_name, *target_inputs], progress, api_name="train_start")
         cancel.click(lambda: gr.Info(studio.train_cancel(), duration=3), None, None)
 
         def on_tick(last):
@@ -198,68 +240,34 @@ def build_app(workspace: Path, model_source=None) -> gr.Blocks:
 
         timer.tick(on_tick, shown, [progress, loss_plot, preview, shown, *lists], show_progress="hidden")
 
-        @_shown
-        def on_blend(picked, weights, meth, name, with_merged, prompts):
-            out = studio.blend(picked, weights, meth, name, with_merged, prompts)
+        @guarded
+        def on_blend(picked, weights, meth, name, with_merged, prompts, blocks):
+            out = studio.blend(picked, weights, meth, name, with_merged, prompts, blocks)
             return out["totals"], [str(p) for p in out["files"]], out["report"], *refresh()
 
-        blend_btn.click(on_blend, [blend_pick, blend_weights, method, blend_name, merged, blend_prompts],
-                        [totals, blend_files, report, *lists])
+        blend_btn.click(on_blend, [blend_pick, blend_weights, method, blend_name, merged, blend_prompts,
+                                   blend_blocks], [totals, blend_files, report, *lists])
 
-        sample_btn.click(_shown(studio.sample), [prompt, negative, sample_seed, sample_steps, guidance, size, count,
-                                                 sample_pick, sample_weights, composed], gallery)
+        sample_btn.click(guarded(studio.sample), [prompt, negative, sample_seed, sample_steps, guidance, size, count,
+                                                 sample_pick, sample_weights, composed, sample_blocks], gallery)
 
-        chosen.change(_shown(studio.library_details), chosen, details)
+        chosen.change(guarded(studio.library_details), chosen, details)
 
-        @_shown
+        @guarded
         def on_import(files):
-            added = studio.library_import([str(f) for f in files or []])
+            paths = uploads.paths(files)
+            try:
+                added = studio.library_import(paths)
+            finally:  # copied into the library, or refused: Gradio's copy is not needed either way
+                uploads.discard(paths)
             return f"imported {', '.join(added)}", None, *refresh()
 
-        uploads.upload(on_import, uploads, [lib_status, uploads, *lists])
+        imports.upload(on_import, imports, [lib_status, imports, *lists], api_name="library_import")
 
-        @_shown
+        @guarded
         def on_delete(name):
             return studio.library_delete(name), "", *refresh()
 
         delete.click(on_delete, chosen, [lib_status, details, *lists])
     return app
 
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def launch(host: str = "127.0.0.1", port: int = 7860, workspace: str | Path = "sdtune-workspace", share: bool = False,
-           model_source=None, block: bool = True) -> gr.Blocks:
-    """Serve the app. Anything but a loopback host (or ``share``) exposes training, file writes and the
-    workspace to the network, hence the warning. ``block=False`` returns once the server runs (tests)."""
-    if not _is_loopback(host) or share:
-        warnings.warn(f"sdtune ui: serving on {host}{' with a public share link' if share else ''}: anyone who can "
-                      f"reach it can train, upload and delete files in the workspace. Use 127.0.0.1 unless you "
-                      f"mean it.", stacklevel=2)
-    app = build_app(Path(workspace), model_source)
-    app.queue(default_concurrency_limit=1)
-    app.launch(server_name=host, server_port=port, share=share, allowed_paths=[str(app.studio.ws.root)],
-               max_file_size=MAX_ADAPTER_BYTES, prevent_thread_lock=not block, quiet=not block, css=CSS)
-    return app
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m webui.app", description="the sdtune web app")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--workspace", default="sdtune-workspace")
-    p.add_argument("--model", default=None)
-    p.add_argument("--share", action="store_true")
-    a = p.parse_args(argv)
-    launch(a.host, a.port, a.workspace, a.share, a.model)
-
-
-if __name__ == "__main__":
-    main()

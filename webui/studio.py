@@ -6,16 +6,21 @@ add adapter weights into it (``sample.generate`` applies them) or read it. Train
 """
 from __future__ import annotations
 
+import argparse
 import math
+import shutil
 import threading
 from pathlib import Path
 
 from sdtune import compose, fusion
+from sdtune.apply import load
 from sdtune.formats.checkpoint import save_merged_checkpoint
 from sdtune.inspect import format_inspection, inspect_file
+from sdtune.intake import DEFAULT_MAX_PIXELS
 from sdtune.sample import SampleRequest, save_samples
+from sdtune.tools.blocks import load_weighted, parse, touched
 
-from .training import TrainForm, TrainingJob, build_config
+from .training import TrainForm, TrainingJob, build_config, form_defaults
 from .workspace import Refused, Workspace, stamp
 
 MAX_COUNT, MAX_STEPS, MAX_SIZE = 16, 150, 1024
@@ -36,8 +41,8 @@ def parse_weights(text: str, n: int) -> list[float]:
 
 
 class Studio:
-    def __init__(self, workspace: str | Path, model_source: str | None = None):
-        self.ws = Workspace(workspace)
+    def __init__(self, workspace: str | Path, model_source: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.ws = Workspace(workspace, max_pixels)
         self.model_source = model_source
         self.job = TrainingJob(self.ws)
         self._model = None
@@ -54,33 +59,45 @@ class Studio:
     # ---------------------------------------------------------------------------------------------- train
     def train_start(self, recipe: str, images: list[str] | None, folder: str, instance_prompt: str,
                     class_prompt: str, targets: dict, steps: int, lr: float, name: str,
-                    seed: int | None = None) -> str:
-        """Start a run on uploaded ``images`` (kept in uploads/) or on ``folder`` inside the workspace."""
-        self.job.ensure_idle()  # before anything is copied
+                    seed: int | None = None, lr_text: float | None = None) -> str:
+        """Start a run on uploaded ``images`` (copied into uploads/) or on ``folder`` inside the workspace.
+        ``lr_text`` None: the recipe's. The whole request is validated (images, numbers, prompts, the config
+        schema) before anything is written: a refused request leaves no file."""
+        self.job.ensure_idle()
         if images:
-            instance_dir = self.ws.store_images(images)
+            sources = self.ws.check_images(images)
+            instance_dir = self.ws.uploads / stamp()  # created only once everything is valid
+            captioned = any(p.with_suffix(".txt").is_file() for p in sources)
         elif folder and folder.strip():
-            instance_dir = self.ws.image_folder(folder)
+            sources, instance_dir = [], self.ws.image_folder(folder)
+            captioned = any(p.suffix == ".txt" for p in instance_dir.iterdir())
         else:
             raise Refused("upload instance images or choose a folder of images inside the workspace")
-        if not (1 <= int(steps) <= 100_000) or not (0 < float(lr) < 1):
-            raise Refused(f"steps {steps} / learning rate {lr}: expected 1–100000 steps and 0 < lr < 1")
-        form = TrainForm(recipe, instance_dir, instance_prompt, class_prompt, targets, int(steps), float(lr),
-                         name or "adapter", None if seed is None else int(seed))
-        run_dir = self.ws.free_name(self.ws.runs, f"{form.name}", "")
+        form = TrainForm(recipe, instance_dir, instance_prompt or "", class_prompt or "", targets, steps, lr,
+                         form_defaults(recipe).lr_text if lr_text is None else lr_text, name or "adapter", seed,
+                         captioned)
+        run_dir = self.ws.free_name(self.ws.runs, form.name, "")
         config = build_config(form, run_dir, self.ws, self.model_source)
-        self.job.start(config)
-        return f"started {run_dir.name}: {form.steps} steps on {self.ws.relative(instance_dir)}"
+        if sources:
+            self.ws.store_images(sources, instance_dir)
+        try:
+            self.job.start(config)
+        except Refused:  # another start won the race
+            if sources:
+                shutil.rmtree(instance_dir, ignore_errors=True)
+            raise
+        return f"started {run_dir.name}: {config.train.steps} steps on {self.ws.relative(instance_dir)}"
 
     def train_cancel(self) -> str:
         return "cancelling after the current step…" if self.job.cancel() else "no training is running"
 
     # ---------------------------------------------------------------------------------------------- blend
     def blend(self, names: list[str], weights: str, method: str, out_name: str, merged: bool,
-              prompts: str = "") -> dict:
+              prompts: str = "", blocks: str = "") -> dict:
         """Fuse library adapters into a new library file (and optionally a merged checkpoint); returns the
         interference report and the files written. ``prompts``: one line per adapter (';' between several of
-        one adapter), required by zip; with them interference is measured on those prompts' activations."""
+        one adapter), required by zip; with them interference is measured on those prompts' activations.
+        ``blocks``: block weights for every adapter (``sdtune.tools.blocks``), baked into the blend."""
         if not names or len(names) < 2:
             raise Refused("choose at least two adapters to blend")
         if method not in fusion.METHODS:
@@ -95,7 +112,8 @@ class Studio:
         ws_ = parse_weights(weights, len(paths))
         with self._lock:
             model = self.model()
-            inputs = [fusion.load_input(p, model.components(), model.arch) for p in paths]
+            moved = self.block_summary(model, paths, blocks)
+            inputs = [load_weighted(p, model.components(), model.arch, (blocks or "").strip() or None) for p in paths]
             result = fusion.fuse_on_model(model, inputs, method, ws_, prompts=sets, progress=False)
             out = self.ws.free_name(self.ws.library, out_name or "blend", ".safetensors")
             fusion.save_fused(result, out)
@@ -105,14 +123,32 @@ class Studio:
                 files.append(Path(info["path"]))
         totals = result.total_interference()
         table = [[n, w, None if t is None else round(t, 4)] for n, w, t in zip(names, ws_, totals)]
-        return {"report": fusion.format_report(result, per_layer=True), "totals": table, "files": files}
+        return {"report": moved + fusion.format_report(result, per_layer=True), "totals": table, "files": files}
+
+    @staticmethod
+    def block_summary(model, paths: list[Path], blocks: str) -> str:
+        """Which blocks ``blocks`` changes in each file (empty when no spec); a bad spec is Refused."""
+        if not (blocks or "").strip():
+            return ""
+        try:
+            spec = parse(blocks, model.arch)
+            lines = []
+            for p in paths:
+                moved = touched(load(p, model.components(), model.arch), spec, model.components())
+                lines.append(f"block weights on {Path(p).stem}: " + (", ".join(
+                    f"{b} ×{w:g} ({n} layers)" for b, (w, n) in moved.items()) or "no layer changed"))
+        except ValueError as e:
+            raise Refused(str(e)) from None
+        return "\n".join(lines) + "\n"
 
     # --------------------------------------------------------------------------------------------- sample
     def sample(self, prompt: str, negative: str, seed: int, steps: int, guidance: float, size: int | None,
-               count: int, names: list[str] | None, weights: str, composed: bool = False) -> list[str]:
+               count: int, names: list[str] | None, weights: str, composed: bool = False, blocks: str = ""
+               ) -> list[str]:
         """Generate with any number of library adapters applied at their weights (``composed``: prompts with
-        bracketed phrases get each adapter on its own phrase, ``sdtune.compose``); the PNGs (with metadata:
-        prompt, seed, adapters) are written to samples/<stamp>/. Returns their paths."""
+        bracketed phrases get each adapter on its own phrase, ``sdtune.compose``; ``blocks``: block weights for
+        every adapter, ``sdtune.tools.blocks``); the PNGs (with metadata: prompt, seed, adapters) are written to
+        samples/<stamp>/. Returns their paths."""
         prompts = [p.strip() for p in (prompt or "").splitlines() if p.strip()]
         if not prompts:
             raise Refused("write a prompt (one per line for several)")
@@ -125,13 +161,18 @@ class Studio:
         ws_ = parse_weights(weights, len(paths))
         try:
             request = SampleRequest(prompts, negative or "", int(seed), int(steps), float(guidance),
-                                    int(size) if size else None, int(count), [(str(p), w) for p, w in zip(paths, ws_)])
+                                    size=int(size) if size else None, count=int(count),
+                                    adapters=[(str(p), w) for p, w in zip(paths, ws_)],
+                                    blocks=[(blocks or "").strip() or None] * len(paths))
             if composed:
                 compose.check(prompts, len(paths))
+                if any(request.blocks):
+                    raise ValueError("block weights do not combine with Compose")
         except ValueError as e:
             raise Refused(str(e)) from None
         with self._lock:
             model = self.model()
+            self.block_summary(model, paths, blocks)  # a bad spec is Refused before sampling
             samples = compose.run(model, request, composed=composed, progress=False)
         written = save_samples(samples, request, self.ws.samples / stamp(), model.source, composed=composed)
         return written["images"]
@@ -140,7 +181,7 @@ class Studio:
     def library_rows(self) -> list[list]:
         rows = []
         for name in self.ws.adapters():
-            path = self.ws.library / name
+            path = self.ws.adapter(name)
             try:
                 info = inspect_file(path)
                 algos = ", ".join(f"{k} ×{v}" for k, v in info["algorithms"].items())
@@ -165,3 +206,26 @@ class Studio:
             raise Refused("choose an adapter to delete")
         self.ws.adapter(name).unlink()
         return f"deleted {name}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train as the Train tab does with the form left as the recipe fills it (the figure in bench/RESULTS.md)."""
+    p = argparse.ArgumentParser(prog="python -m webui.studio", description="train as the web UI's Train tab does, "
+                                "with the form as the recipe fills it, on a folder of images inside the workspace")
+    p.add_argument("folder", help="folder of instance images, relative to the workspace")
+    p.add_argument("--workspace", required=True)
+    p.add_argument("--recipe", default="demo")
+    p.add_argument("--name", default="webui-defaults")
+    a = p.parse_args(argv)
+    studio, d = Studio(a.workspace), form_defaults(a.recipe)
+    print(studio.train_start(a.recipe, None, a.folder, d.instance_prompt, d.class_prompt, d.targets, d.steps, d.lr,
+                             a.name, d.seed, d.lr_text), flush=True)
+    studio.job.wait()
+    state = studio.job.snapshot()
+    print(f"{state.status}: {state.message}")
+    if state.status != "finished":
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,114 +1,173 @@
-"""The Train tab's back end: a TrainConfig from a recipe plus the form, and one background training at a time.
+"""The Train tab's back end: the form's defaults from a recipe, the form → config step, one training at a time.
 
-The run itself is ``sdtune.train.train`` (what ``sdtune train`` calls), with its ``callback`` (a TrainEvent after
-every step) and ``cancel`` (a threading.Event) hooks; the UI polls ``TrainingJob.snapshot()``.
+The form is filled from the chosen recipe (``form_defaults``); what the user submits becomes ``--set`` overrides on
+that recipe (``form_overrides``), loaded by ``sdtune.config.load_config`` exactly as ``sdtune train RECIPE --set …``
+would. The run itself is ``sdtune.train.train`` with its ``callback`` (a TrainEvent after every step) and ``cancel``
+(a threading.Event) hooks; the UI polls ``TrainingJob.snapshot()``.
 """
 from __future__ import annotations
 
+import json
+import math
 import shutil
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
-from sdtune.config import TrainConfig, from_dict
+from sdtune.config import ConfigError, TrainConfig, load_config
 from sdtune.inject import PRESETS
+from sdtune.resources import recipes
 from sdtune.train import TrainEvent, train
 
 from .workspace import Refused, Workspace, safe_name
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "train_configs"
 OFF = "off"
-
-
-def recipes() -> dict[str, Path]:
-    """Recipe name (file stem) -> TOML file, from ``train_configs/``."""
-    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.toml"))}
-
-
-def read_recipe(name: str) -> dict:
-    path = recipes().get(name)
-    if path is None:
-        raise Refused(f"unknown recipe {name!r}; choose one of {', '.join(recipes())}")
-    return tomllib.loads(path.read_text())
-
-
-def recipe_targets(name: str) -> dict[str, tuple[str, int, float | None]]:
-    """Per preset: (algorithm or "off", rank, scale) as the recipe sets them; scale is α/r (FLoRA: s)."""
-    d = read_recipe(name)
-    out = {p: (OFF, 8, None) for p in PRESETS}
-    for rule in d.get("adapters", []):
-        algo, rank = rule.get("algorithm", "locon"), int(rule.get("rank", 8))
-        scale = rule.get("scale") if algo == "flora" else (rule["alpha"] / rank if "alpha" in rule else None)
-        out[rule.get("preset", "attn")] = (algo, rank, scale)
-    if d.get("train", {}).get("train_text_encoder") and out["te"][0] == OFF:
-        first = next((v for v in out.values() if v[0] != OFF), ("locon", 8, None))
-        out["te"] = first
-    return out
+MAX_STEPS = 100_000
+PREVIEW_STEPS = 20  # sampler steps of the run's previews: four per run, kept cheap
+SCALE_KEYS = ("alpha", "scale")  # what the form's "scale" replaces in a recipe rule
 
 
 @dataclass
 class TrainForm:
-    """What the Train tab submits. ``targets``: preset -> (algorithm or "off", rank, scale or None)."""
+    """What the Train tab submits. ``targets``: preset -> (algorithm or "off", rank, scale or None), scale being
+    α/rank for LoCon/DoRA and s for FLoRA. ``captioned``: the images come with .txt captions."""
 
     recipe: str
-    instance_dir: Path
+    instance_dir: Path | None = None
     instance_prompt: str = ""
     class_prompt: str = ""
     targets: dict[str, tuple[str, int, float | None]] = field(default_factory=dict)
     steps: int = 100
-    lr: float = 1e-4
+    lr: float = 1e-4  # U-Net
+    lr_text: float = 5e-5  # text encoder
     name: str = "adapter"
     seed: int | None = None  # None: the recipe's; concepts meant to be blended fuse better with different seeds
+    captioned: bool = False
 
 
-def _rule(preset: str, algorithm: str, rank: int, scale: float | None) -> dict:
-    rule = {"preset": preset, "algorithm": algorithm, "rank": int(rank)}
-    if scale:
-        if algorithm == "flora":
-            rule["scale"] = float(scale)
-        elif algorithm in ("locon", "dora"):
-            rule["alpha"] = float(scale) * int(rank)
-    return rule
+def recipe_file(name: str) -> Path:
+    path = recipes().get(name)
+    if path is None:
+        raise Refused(f"unknown recipe {name!r}; choose one of {', '.join(recipes())}")
+    return path
+
+
+def _load(name: str, overrides: list[str] = ()) -> TrainConfig:
+    """The recipe through the config schema, as ``sdtune train <recipe> --set …`` loads it (errors name the recipe,
+    not its path on the server)."""
+    path = recipe_file(name)
+    try:
+        return load_config(path, overrides)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace(str(path), f"recipe {name}")) from None
+
+
+def form_defaults(name: str) -> TrainForm:
+    """The Train form as the recipe fills it: steps, learning rates, per-target algorithm/rank/scale, prompts, seed."""
+    cfg = _load(name)
+    targets = {p: (OFF, 8, None) for p in PRESETS}
+    for preset, spec in cfg.rules():  # later rules override earlier ones; 'te' follows train_text_encoder
+        scale = spec.scale if spec.algorithm == "flora" else (spec.alpha / spec.rank if spec.alpha else None)
+        targets[preset] = (spec.algorithm, spec.rank, scale)
+    return TrainForm(name, None, cfg.data.instance_prompt or "", cfg.prior.class_prompt if cfg.prior.enabled else "",
+                     targets, cfg.train.steps or TrainForm.steps, cfg.optim.lr_unet, cfg.optim.lr_text,
+                     seed=cfg.train.seed)
+
+
+def _toml(value) -> str:
+    """A TOML value for a ``--set`` override (strings quoted, so a prompt like 'true' stays a string)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items() if v is not None) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(value).replace("\x7f", "\\u007f")  # JSON leaves DEL bare; TOML wants it escaped
+
+
+def _number(value, what: str, low: float, high: float, *, integer: bool = False, open_low: bool = False):
+    """``value`` as a number in [low, high] (``open_low``: (low, high]); Refused otherwise."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise Refused(f"{what} {value!r}: expected a number") from None
+    inside = math.isfinite(x) and (x > low if open_low else x >= low) and x <= high
+    if not inside or (integer and x != int(x)):
+        raise Refused(f"{what} {value!r}: expected {'a whole number ' if integer else ''}"
+                      f"{'above' if open_low else 'from'} {low:g} up to {high:g}")
+    return int(x) if integer else x
+
+
+def _changed(rule) -> dict:
+    """A recipe rule's fields that differ from the schema's defaults."""
+    def default(f_):
+        return f_.default if f_.default is not MISSING else (
+            f_.default_factory() if f_.default_factory is not MISSING else MISSING)
+    return {f_.name: getattr(rule, f_.name) for f_ in fields(rule) if getattr(rule, f_.name) != default(f_)}
+
+
+def _rules(form: TrainForm, recipe: TrainConfig) -> list[dict]:
+    """The [[adapters]] table of the form: one rule per target that is on, U-Net targets first. A target keeps the
+    recipe's other keys for it (tucker, flora_ranks, dora_axis, …) while its algorithm stays the recipe's."""
+    by_preset = {r.preset: r for r in recipe.adapters}
+    if recipe.train.train_text_encoder and "te" not in by_preset and recipe.adapters:
+        by_preset["te"] = recipe.adapters[0]
+    rules = []
+    for preset in [p for p in PRESETS if p != "te"] + ["te"]:
+        algorithm, rank, scale = form.targets.get(preset, (OFF, 8, None))
+        if algorithm == OFF:
+            continue
+        rank = _number(rank, f"{preset} rank", 1, 4096, integer=True)
+        scale = _number(scale or 0, f"{preset} scale", 0, 1e6)
+        old = by_preset.get(preset)
+        kept = old is not None and old.algorithm == algorithm
+        rule = {k: v for k, v in _changed(old).items() if k not in SCALE_KEYS} if kept else {}
+        rule |= {"preset": preset, "algorithm": algorithm, "rank": rank}
+        if scale and algorithm == "flora":
+            rule["scale"] = scale
+        elif scale and algorithm in ("locon", "dora"):
+            rule["alpha"] = scale * rank
+        rules.append(rule)
+    return rules
+
+
+def form_overrides(form: TrainForm, run_dir: Path, ws: Workspace, model_source: str | None) -> list[str]:
+    """The form as ``--set section.key=value`` overrides on its recipe. Refused for values no run could use."""
+    recipe = _load(form.recipe)
+    steps = _number(form.steps, "steps", 1, MAX_STEPS, integer=True)
+    lr = _number(form.lr, "learning rate (U-Net)", 0, 1, open_low=True)
+    lr_text = _number(form.lr_text, "learning rate (text encoder)", 0, 1, open_low=True)
+    seed = None if form.seed is None else _number(form.seed, "seed", 0, 2**32 - 1, integer=True)
+    prompt, cls = (form.instance_prompt or "").strip(), (form.class_prompt or "").strip()
+    if not prompt and not form.captioned:
+        raise Refused("give an instance prompt (e.g. 'a sks star'): the images have no .txt captions")
+    rules = _rules(form, recipe)
+    if not rules:
+        raise Refused("turn on at least one adapter target")
+    if all(r["preset"] == "te" for r in rules):
+        raise Refused("the text encoder alone cannot be trained here: turn on a U-Net target too")
+    previews = [p for p in (prompt, cls) if p] if prompt else recipe.output.validation_prompts
+    return [
+        # the UI's model at its native resolution
+        f"model.path={_toml(str(model_source)) if model_source else 'none'}", "model.single_file_config=none",
+        f"data.instance_dir={_toml(str(form.instance_dir))}", "data.resolution=none",
+        f"data.max_pixels={ws.max_pixels}",  # the cap its uploads were checked with
+        f"data.instance_prompt={_toml(prompt) if prompt else 'none'}",
+        f"prior.enabled={_toml(bool(cls))}", f"prior.class_prompt={_toml(cls)}",
+        f"prior.class_dir={_toml(str(ws.class_images / safe_name(cls, 'none')))}",
+        f"adapters={_toml(rules)}",
+        f"train.steps={steps}", "train.epochs=none",
+        f"train.train_text_encoder={_toml(any(r['preset'] == 'te' for r in rules))}",
+        *([f"train.seed={seed}"] if seed is not None else []),
+        f"optim.lr_unet={_toml(lr)}", f"optim.lr_text={_toml(lr_text)}",
+        f"output.dir={_toml(str(run_dir))}", f"output.name={_toml(run_dir.name)}",
+        f"output.sample_every={max(1, steps // 4)}", "output.checkpoint_every=0", "output.sample_count=2",
+        f"output.sample_steps={min(recipe.output.sample_steps, PREVIEW_STEPS)}",
+        f"output.validation_prompts={_toml(previews)}",
+    ]
 
 
 def build_config(form: TrainForm, run_dir: Path, ws: Workspace, model_source: str | None) -> TrainConfig:
-    """The recipe's TOML with the form's choices applied, validated by the config schema (``from_dict``)."""
-    d = read_recipe(form.recipe)
-    prompt, cls = form.instance_prompt.strip(), form.class_prompt.strip()
-    if not prompt and not any(p.suffix == ".txt" for p in form.instance_dir.iterdir()):
-        raise Refused("give an instance prompt (e.g. 'a sks star'): the images have no .txt captions")
-    rules = [_rule(p, *form.targets[p]) for p in PRESETS if form.targets.get(p, (OFF,))[0] != OFF]
-    if not rules:
-        raise Refused("turn on at least one adapter target")
-    d["model"] = {k: v for k, v in d.get("model", {}).items() if k not in ("path", "single_file_config")}
-    if model_source:
-        d["model"]["path"] = str(model_source)
-    d["data"] = {k: v for k, v in d.get("data", {}).items() if k != "resolution"}  # the model's own resolution
-    d["data"]["instance_dir"] = str(form.instance_dir)
-    d["data"].pop("instance_prompt", None)
-    if prompt:
-        d["data"]["instance_prompt"] = prompt
-    d["prior"] = d.get("prior", {}) | {"enabled": bool(cls), "class_prompt": cls,
-                                       "class_dir": str(ws.class_images / safe_name(cls, "none"))}
-    d["adapters"] = [r for r in rules if r["preset"] != "te"]
-    if not d["adapters"]:
-        raise Refused("the text encoder alone cannot be trained here: turn on a U-Net target too")
-    d["adapters"] += [r for r in rules if r["preset"] == "te"]
-    d["train"] = {k: v for k, v in d.get("train", {}).items() if k != "epochs"} | {
-        "steps": int(form.steps), "train_text_encoder": any(r["preset"] == "te" for r in rules)}
-    if form.seed is not None:
-        d["train"]["seed"] = int(form.seed)
-    d["optim"] = d.get("optim", {}) | {"lr_unet": float(form.lr)}
-    out = d.get("output", {})
-    d["output"] = out | {"dir": str(run_dir), "name": run_dir.name, "sample_every": max(1, int(form.steps) // 4),
-                         "checkpoint_every": 0, "sample_count": 2, "sample_steps": min(out.get("sample_steps", 20), 20),
-                         "validation_prompts": [p for p in (prompt, cls) if p] or out.get("validation_prompts", [])}
-    return from_dict(d)
+    """The recipe with the form's overrides, validated by the config schema; nothing is written."""
+    return _load(form.recipe, form_overrides(form, run_dir, ws, model_source))
 
 
 @dataclass
@@ -187,9 +246,9 @@ class TrainingJob:
 
     def _run(self, config: TrainConfig) -> None:
         try:
-            result = train(config, progress=False, callback=self._on_event, cancel=self._cancel)
+            result = train(config, resume="auto", progress=False, callback=self._on_event, cancel=self._cancel)
         except Exception as e:  # shown in the UI; the run folder keeps whatever was written
-            self._update(status="failed", message=f"{type(e).__name__}: {e}")
+            self._update(status="failed", message=self.ws.shown(f"{type(e).__name__}: {e}"))
             return
         if result.status != "finished" or result.kohya is None:
             self._update(status="cancelled", message=f"cancelled at step {result.step}/{result.total_steps}; "

@@ -8,16 +8,17 @@ from torch import nn
 from . import flora, locon, spectral
 from .base import (
     ALGORITHMS,
+    PRESETS,
     Adapter,
     AdapterSpec,
     LayerInfo,
-    all_finite,
     choose_path,
     layer_info,
 )
 from .dora import DoRA
+from .functional import all_finite
 
-__all__ = ["ALGORITHMS", "Adapter", "AdapterSpec", "DoRA", "choose_path", "build_adapter", "make_adapter", "validate_layer"]
+__all__ = ["ALGORITHMS", "PRESETS", "Adapter", "AdapterSpec", "DoRA", "choose_path", "build_adapter", "make_adapter", "validate_layer"]
 
 _LOW_RANK = {"locon": locon, "flora": flora, "spectral": spectral}
 

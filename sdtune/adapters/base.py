@@ -15,7 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import functional as Fn
+from .frozen import is_quantised
+
 ALGORITHMS = ("locon", "flora", "dora", "spectral")
+PRESETS = ("attn", "resnet", "sample", "te")  # the layer groups an AdapterSpec is attached to (``inject``)
 _CHOICES = {
     "dora_base": ("locon", "flora"),
     "dora_axis": ("in", "out"),
@@ -169,12 +173,6 @@ def layer_info(layer: nn.Module, name: str) -> LayerInfo:
     raise ValueError(f"{name}: unsupported layer type {type(layer).__name__} (sdtune adapts nn.Linear and nn.Conv2d)")
 
 
-def all_finite(t: Tensor) -> bool:
-    """True if no element is inf/NaN: one reduction without a full-size bool temporary (NaN and ±inf propagate
-    through the sum; accumulated in fp32/fp64 so that half-precision sums cannot overflow)."""
-    return bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)))
-
-
 def check_rank(name: str, what: str, rank: int, limit: int) -> None:
     if rank > limit:
         raise ValueError(f"{name}: {what} {rank} is larger than the layer allows ({limit})")
@@ -230,15 +228,24 @@ class LowRank(nn.Module):
         """R of the LoRA form (what the bypass path costs)."""
         raise NotImplementedError
 
+    def master_form(self, device_type: str) -> tuple[Tensor, Tensor | None, Tensor, float]:
+        """``lora_form()`` in the factors' own precision, also under autocast: its small products hold
+        cancellations (Spectral's R S Rᵀ − S) that bf16 rounding would ruin; only the full-size ops run low."""
+        with torch.autocast(device_type, enabled=False):
+            return self.lora_form()
+
     def path(self, base: nn.Module, x: Tensor, out: Tensor, form: tuple | None = None) -> Tensor:
         """out + ΔW·x through the LoRA form (``form``, or ``lora_form()`` when not given), without materialising ΔW.
 
         The up-projection is fused with the addition (addmm / baddbmm), so one full-size output is allocated
-        instead of three (up output, scaled copy, sum).
+        instead of three (up output, scaled copy, sum). The path runs in x's dtype (``compute_dtype``: autocast's,
+        or a low-precision base's): the factors stay fp32 masters and only their small copies are cast. A
+        channels_last ``out`` stays channels_last: one (N·H·W, out) GEMM on its NHWC view, no layout copy.
         """
-        up, mid, down, scale = form if form is not None else self.lora_form()
-        if scale != 1.0:
-            up = up * scale
+        up, mid, down, scale = form if form is not None else self.master_form(x.device.type)
+        dt = x.dtype
+        up = (up * scale if scale != 1.0 else up).to(dt)
+        down, mid = down.to(dt), (mid.to(dt) if mid is not None else None)
         if not self.info.is_conv:
             h = F.linear(x, down)
             return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), up.T).view(out.shape)
@@ -247,8 +254,25 @@ class LowRank(nn.Module):
         else:
             h = base._conv_forward(x, down, None)
         n, o, hh, ww = out.shape
+        if is_channels_last(out):
+            res = torch.addmm(out.permute(0, 2, 3, 1).reshape(-1, o), h.permute(0, 2, 3, 1).reshape(-1, h.shape[1]),
+                              up.T)
+            return res.view(n, hh, ww, o).permute(0, 3, 1, 2)
         res = torch.baddbmm(out.reshape(n, o, hh * ww), up.expand(n, -1, -1), h.reshape(n, h.shape[1], hh * ww))
         return res.view(n, o, hh, ww)
+
+
+def is_channels_last(t: Tensor) -> bool:
+    """True for a 4-D tensor laid out NHWC in memory (and not also plain-contiguous, as 1×1 maps are)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the layer's matmuls run in: autocast's for x's device when autocast is on (it casts every
+    floating input but float64), else x's own (the base's storage dtype: fp32, or a bf16/fp16 base)."""
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 def _op(base: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -295,11 +319,13 @@ class Adapter(nn.Module):
 
     # --- forward -----------------------------------------------------------------------------------------
     def chosen_path(self, x: Tensor) -> str:
+        training = torch.is_grad_enabled() and any(p.requires_grad for p in self.lora.parameters())
+        if training and is_quantised(self.base):
+            return "bypass"     # never W+ΔW from a quantised W in training (and no full-size weight gradient)
         if self.spec.path != "auto":
             return self.spec.path
         info = self.info
         tokens = max(1, x.numel() // info.inp // (info.stride[0] * info.stride[1]))
-        training = torch.is_grad_enabled() and any(p.requires_grad for p in self.lora.parameters())
         return choose_path(info.out, info.fan_in, self.lora.form_rank, tokens, training=training,
                            delta_needed=self.spec.algorithm == "dora")
 
@@ -309,8 +335,13 @@ class Adapter(nn.Module):
         unbatched = self.info.is_conv and x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
+        # Cast once for the base op and the low-rank path (autocast would cast x for each op it enters: two
+        # full-size copies forward, two casts and an fp32 sum of the input gradients backward).
+        x = x.to(compute_dtype(x))
         if self.chosen_path(x) == "materialise":
-            y = _op(self.base, x, self.effective_weight(), self.base.bias)
+            with torch.autocast(x.device.type, enabled=False):  # weight algebra in the masters' precision
+                w = self.effective_weight()
+            y = _op(self.base, x, w.to(x.dtype), self.base.bias)
         else:
             y = self._bypass(x)
         return y.squeeze(0) if unbatched else y
@@ -321,13 +352,14 @@ class Adapter(nn.Module):
     # --- merge -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the update into the base weight: compute on a copy, check it is finite, then assign."""
+        """Fold the update into the base weight: W + ΔW computed apart and checked finite (``functional.merged_weight``,
+        sdtune's one merge rule), then assigned."""
         if self.merged:
             raise RuntimeError(f"{self.kohya_name}: adapter is already merged")
-        new = self._merged_weight()
-        if not all_finite(new):
-            raise ValueError(f"{self.kohya_name}: merging gives non-finite weights; the base layer was not changed")
-        self.base.weight.copy_(new)
+        if is_quantised(self.base):
+            raise ValueError(f"{self.kohya_name}: the base weight is quantised ({self.base.kind}); merging would "
+                             "re-quantise W+ΔW. Export the adapter and merge it into the full-precision model")
+        self.base.weight.copy_(Fn.merged_weight(self.base.weight, self._merge_delta(), self.kohya_name))
         self.merged = True
 
     @torch.no_grad()
@@ -337,8 +369,9 @@ class Adapter(nn.Module):
         self.base.weight.copy_(self._unmerged_weight())
         self.merged = False
 
-    def _merged_weight(self) -> Tensor:
-        return self.base.weight + self.lora.delta().to(self.base.weight.dtype)
+    def _merge_delta(self) -> Tensor:
+        """What merging adds to the base weight, in its dtype."""
+        return self.lora.delta().to(self.base.weight.dtype)
 
     def _unmerged_weight(self) -> Tensor:
         return self.base.weight - self.lora.delta().to(self.base.weight.dtype)
@@ -356,11 +389,8 @@ class Adapter(nn.Module):
 def lora_form_tensors(lora: LowRank, info: LayerInfo) -> dict[str, Tensor]:
     """The LoRA form as kohya tensors: square Tucker core (zero-padded), scale folded into alpha = scale·R."""
     up, mid, down, scale = (t.detach() if isinstance(t, Tensor) else t for t in lora.lora_form())
-    if mid is not None and mid.shape[0] != mid.shape[1]:
-        r = max(mid.shape[:2])
-        up = F.pad(up, (0, r - up.shape[1]))
-        down = F.pad(down, (0, 0, 0, r - down.shape[0]))
-        mid = F.pad(mid, (0, 0, 0, 0, 0, r - mid.shape[1], 0, r - mid.shape[0]))
+    if mid is not None:
+        up, mid, down = Fn.pad_tucker(up, mid, down)
     rank = down.shape[0]
     if info.is_conv:
         up = up[:, :, None, None]

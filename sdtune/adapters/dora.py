@@ -5,7 +5,8 @@ convention and the only one A1111 rebuilds; magnitude (in,), exported as dora_sc
 channel (axis "out", PEFT/LyCORIS ≥ 3.2; exported as a full "diff" because no UI rebuilds it correctly).
 m starts at ‖W‖, so W′ = W at init. The norm is detached (paper §4.3), so gradients reach m and ΔW only through
 the numerator. Bypass reuses the base op instead of a second weight:
-  axis "out": y = g ⊙ (W x + ΔW x) + b with g = m/‖W+ΔW‖ per output channel (base op run without its bias);
+  axis "out": y = g ⊙ (W x + ΔW x) + b with g = m/‖W+ΔW‖ per output channel (computed as g ⊙ (base op with its
+              bias + ΔW x) + (1 − g) ⊙ b, so a quantised base's own op serves);
   axis "in":  y = (W + ΔW)(g ⊙ x) + b with g per input channel (scale the input, then the ordinary LoRA bypass).
 The bypass path gets ‖W+ΔW‖ in closed form from the factors (``functional.lowrank_channel_norm``), never
 building W+ΔW. Merge caches ‖W+ΔW‖ so that unmerge inverts exactly that factor: W = W′ · ‖W+ΔW‖/m − ΔW.
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 
 from . import functional as Fn
 from .base import Adapter, AdapterSpec, LowRank, _op, lora_form_tensors
+from .frozen import is_quantised, weight_version
 
 
 class DoRA(Adapter):
@@ -29,11 +31,13 @@ class DoRA(Adapter):
         self._weight_sq: tuple[tuple[int, int], Tensor] | None = None
 
     def _base_weight_sq(self) -> Tensor:
-        """‖W‖² per channel, recomputed only when the frozen weight changes (merge, load)."""
-        w = self.base.weight
-        key = (w.data_ptr(), w._version)
+        """‖W‖² per channel, recomputed only when the frozen weight changes (merge, load). Under torch.compile
+        it is computed in the graph each call (one read of W): the data-pointer key cannot be traced."""
+        if torch.compiler.is_compiling():
+            return Fn.squared_channel_norm(self.base.weight.detach(), self.axis)
+        key = weight_version(self.base)
         if self._weight_sq is None or self._weight_sq[0] != key:
-            self._weight_sq = (key, Fn.squared_channel_norm(w.detach(), self.axis))
+            self._weight_sq = (key, Fn.squared_channel_norm(self.base.weight.detach(), self.axis))
         return self._weight_sq[1]
 
     def _mag(self) -> Tensor:
@@ -52,29 +56,43 @@ class DoRA(Adapter):
         return Fn.dora_weight(self.original_weight(), self.lora.delta(), self._mag(), self.axis)
 
     def delta_weight(self) -> Tensor:
-        return self.effective_weight() - self.original_weight()
+        """W′ − W, formed in float64 and returned in W's dtype: after a few small steps W′ and W agree to within a
+        few fp32 roundings of W, so an fp32 difference would be mostly rounding (export's check then fails)."""
+        w = self.original_weight()
+        w64 = w.double()
+        return (Fn.dora_weight(w64, self.lora.delta().double(), self._mag().double(), self.axis) - w64).to(w.dtype)
 
     def _bypass(self, x: Tensor) -> Tensor:
-        w, bias = self.base.weight, self.base.bias
-        form = self.lora.lora_form()  # built once: the detached norm and the bypass path both use it
-        with torch.no_grad():
+        """x arrives in the compute dtype (``Adapter.forward``); every full-size op below stays in it."""
+        dt = x.dtype
+        # W in the compute dtype: the one cast the base op makes under autocast anyway; the norm's product reads
+        # the same copy (with autocast off inside, so it is neither cast again nor run in fp32 on a bf16 W).
+        quantised = is_quantised(self.base)
+        w = self.base.dequantise(dt) if quantised else self.base.weight.to(dt)
+        bias = self.base.bias
+        form = self.lora.master_form(x.device.type)  # built once: the detached norm and the bypass path use it
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             norm = Fn.lowrank_channel_norm(w, self._base_weight_sq(), *form, self.axis).flatten()
-        g = self.magnitude / norm.to(self.magnitude.dtype)
+        g = (self.magnitude / norm.to(self.magnitude.dtype)).to(dt)   # fp32 ratio, then one small cast
         if self.info.is_conv:
             g = g[:, None, None]
         if self.axis == "in":
             x = x * g
-            return self.lora.path(self.base, x, self.base(x), form)
-        z = self.lora.path(self.base, x, _op(self.base, x, w, None), form)
+        # Wx + b: a quantised base runs its own op (it dequantises again in backward rather than keep w alive)
+        z = self.lora.path(self.base, x, self.base(x) if quantised else _op(self.base, x, w, bias), form)
+        if self.axis == "in":
+            return z
         if bias is None:
             return z * g
-        return torch.addcmul(bias[:, None, None] if self.info.is_conv else bias, z, g)
+        b = bias.to(dt)[:, None, None] if self.info.is_conv else bias.to(dt)
+        return torch.addcmul(b - g * b, z, g)       # g ⊙ (Wx + ΔWx + b) + (1 − g) ⊙ b = g ⊙ (Wx + ΔWx) + b
 
-    def _merged_weight(self) -> Tensor:
+    def _merge_delta(self) -> Tensor:
+        """W′ − W, caching ‖W+ΔW‖ for an exact unmerge."""
         w = self.base.weight
         merged = w + self.lora.delta().to(w.dtype)
         self.merge_norm = Fn.channel_norm(merged, self.axis)
-        return merged * (self._mag() / self.merge_norm)
+        return merged * (self._mag() / self.merge_norm) - w
 
     def _unmerged_weight(self) -> Tensor:
         w = self.base.weight * (self.merge_norm / self._mag()) - self.lora.delta().to(self.base.weight.dtype)

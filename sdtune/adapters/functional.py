@@ -8,7 +8,13 @@ functions and never re-derive the maths themselves.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+Factors = tuple[Tensor, Tensor]  # (up (out, r), down (r, d)): a matricised ΔW = up @ down, d = in·kh·kw
+
+# Singular values below RANK_TOL · σ_max are numerical zeros (float64 round-off of a rank-r product is ~1e-15).
+RANK_TOL = 1e-9
 
 
 def lora_delta(up: Tensor, down: Tensor, scale: float, mid: Tensor | None = None) -> Tensor:
@@ -22,6 +28,27 @@ def lora_delta(up: Tensor, down: Tensor, scale: float, mid: Tensor | None = None
     if mid is None:
         return (scale * (up @ down.flatten(1))).reshape(up.shape[0], *down.shape[1:])
     return scale * torch.einsum("oa,abhw,bi->oihw", up, mid, down.flatten(1))
+
+
+def fold_tucker(mid: Tensor, down: Tensor) -> Tensor:
+    """The Tucker core folded into the down-projection, mid ×₂ downᵀ: D[a, i, h, w] = Σ_b mid[a, b, h, w]·down[b, i].
+
+    mid (r1, r2, kh, kw); down (r2, in) or (r2, in, 1, 1)  ->  (r1, in, kh, kw), so up @ D is the Tucker ΔW.
+    """
+    return torch.einsum("abhw,bi->aihw", mid, down.flatten(1))
+
+
+def pad_tucker(up: Tensor, mid: Tensor, down: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A rectangular core (r1, r2, kh, kw) zero-padded to square (r, r, kh, kw), r = max(r1, r2), with up's columns
+    (out, r1[, 1, 1]) and down's rows (r2, in[, 1, 1]) padded to match: the same ΔW (ComfyUI and LyCORIS reject
+    rectangular cores). A square core is returned as it is."""
+    r1, r2 = mid.shape[:2]
+    if r1 == r2:
+        return up, mid, down
+    r = max(r1, r2)
+    return (F.pad(up.movedim(1, -1), (0, r - r1)).movedim(-1, 1).contiguous(),
+            F.pad(mid, (0, 0, 0, 0, 0, r - r2, 0, r - r1)),
+            F.pad(down.movedim(0, -1), (0, r - r2)).movedim(-1, 0).contiguous())
 
 
 def tucker_product(core: Tensor, factors: list[Tensor | None]) -> Tensor:
@@ -126,7 +153,7 @@ def lowrank_channel_norm(weight: Tensor, weight_sq: Tensor, up: Tensor, mid: Ten
     acc = weight_sq.dtype
     up = up.to(acc)
     if mid is not None:
-        down = torch.einsum("abhw,bi->aihw", mid.to(acc), down.to(acc).flatten(1))
+        down = fold_tucker(mid.to(acc), down.to(acc))
     d = down.to(acc).reshape(down.shape[0], in_ch, -1)                      # (R, in, k)
     w2 = weight.reshape(out_ch, -1)                                          # (out, in·k)
     if axis == "in":
@@ -156,6 +183,45 @@ def dora_weight(weight: Tensor, delta: Tensor, magnitude: Tensor, axis: str, det
     if detach_norm:
         norm = norm.detach()
     return merged * (magnitude / norm)
+
+
+def all_finite(t: Tensor) -> bool:
+    """True if no element is inf/NaN: one reduction without a full-size bool temporary (NaN and ±inf propagate
+    through the sum; accumulated in fp32/fp64 so that half-precision sums cannot overflow)."""
+    return bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)))
+
+
+def merged_weight(weight: Tensor, delta: Tensor, what: str) -> Tensor:
+    """W + ΔW as a new tensor (in the inputs' promoted dtype), refused when any element is not finite: PEFT's safe
+    merge, and sdtune's one merge rule (``Adapter.merge``, applied files, merged checkpoints, ``fuse
+    --merged-model``). Raises ValueError "<what>: merging gives non-finite weights; nothing was changed"."""
+    new = weight + delta
+    if not all_finite(new):
+        raise ValueError(f"{what}: merging gives non-finite weights; nothing was changed")
+    return new
+
+
+def keep_rank(s: Tensor, rank: int | None = None, tol: float = RANK_TOL) -> int:
+    """How many of the descending singular values ``s`` to keep: those above tol·σ_max, at most ``rank``."""
+    if s.numel() == 0 or s[0] <= 0:
+        return 0
+    k = int((s > tol * s[0]).sum())
+    return min(k, rank) if rank is not None else k
+
+
+def dropped_share(s: Tensor, k: int) -> float:
+    """‖σ_{k+1…}‖ / ‖σ‖: the relative Frobenius error of truncating to rank k (Eckart–Young)."""
+    total = s.square().sum()
+    return float((s[k:].square().sum() / total).sqrt()) if total > 0 else 0.0
+
+
+def factorize(delta: Tensor, rank: int | None = None, tol: float = RANK_TOL) -> tuple[Tensor, Tensor, float]:
+    """Balanced factors of a dense matricised ΔW (out, d) by truncated SVD: up = U_k√Σ_k (out, k), down = √Σ_k V_kᵀ
+    (k, d), k = ``keep_rank``; returns (up, down, ``dropped_share``)."""
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    k = keep_rank(s, rank, tol)
+    root = s[:k].sqrt()
+    return u[:, :k] * root, root[:, None] * vh[:k], dropped_share(s, k)
 
 
 def orthogonal_basis_rows(dim: int, start: int, count: int, seed: int) -> Tensor:

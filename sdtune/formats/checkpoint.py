@@ -27,19 +27,21 @@ and writes the single file atomically (and, optionally, a diffusers folder).
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ..atomic import atomic_path
+from ..adapters.functional import merged_weight
+from ..atomic import atomic_dir, atomic_path
+from .kohya import DTYPES
+
+if TYPE_CHECKING:
+    from ..apply import LayerDelta
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -50,7 +52,6 @@ TEXT_LAYOUTS: dict[str, dict[str, tuple[str, str]]] = {
     "sdxl": {"text_encoder": ("clip", "conditioner.embedders.0.transformer.text_model."),
              "text_encoder_2": ("openclip", "conditioner.embedders.1.model.")},
 }
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 # A plan maps each target name to (source keys, op); ops: "copy", "conv1x1" (C,C)->(C,C,1,1), "T", "cat".
 Plan = dict[str, tuple[tuple[str, ...], str]]
@@ -208,30 +209,11 @@ def _parts(model) -> dict[str, nn.Module]:
             **{k: v for k, v in model.components().items() if k != "unet"}}
 
 
-@contextmanager
-def _plain_layers(parts: Mapping[str, nn.Module]) -> Iterator[dict[tuple[str, str], nn.Module]]:
-    """Temporarily put each attached sdtune Adapter's frozen base layer back in its place, so that state_dict()
-    and save_pretrained() see the plain model; yields {(component, path): adapter}."""
-    from ..adapters import Adapter
-
-    swaps = []
-    for component, root in parts.items():
-        for path, module in root.named_modules():
-            if isinstance(module, Adapter):
-                parent_path, _, attr = path.rpartition(".")
-                swaps.append((component, path, root.get_submodule(parent_path) if parent_path else root, attr, module))
-    try:
-        for _, _, parent, attr, adapter in swaps:
-            parent._modules[attr] = adapter.base
-        yield {(c, p): a for c, p, _, _, a in swaps}
-    finally:
-        for _, _, parent, attr, adapter in swaps:
-            parent._modules[attr] = adapter
-
-
 def base_state_dicts(parts: Mapping[str, nn.Module]) -> dict[str, dict[str, Tensor]]:
     """Per-component diffusers state dicts (detached references, no copies) of the un-adapted weights."""
-    with _plain_layers(parts) as adapters:
+    from ..inject import plain_layers
+
+    with plain_layers(parts) as adapters:
         sds = {name: dict(module.state_dict()) for name, module in parts.items()}
     for (component, path), adapter in adapters.items():
         sds[component][f"{path}.weight"] = adapter.original_weight().detach()
@@ -252,39 +234,19 @@ def to_ldm_state_dict(model) -> dict[str, Tensor]:
 
 # ------------------------------------------------------------------------------------------ merging
 
-def _deltas(source, weight: float, model, base: Mapping[str, Mapping[str, Tensor]]):
-    """(component, weight key, w·ΔW) of one adapter source: a kohya/LyCORIS file, a native sdtune file or an
-    Injection (attached to this model or to a twin)."""
-    from ..inject import FORMAT, Injection
-    from .reader import check_safetensors, read_kohya
+def _layers(source, model) -> list[LayerDelta]:
+    """The layer updates of one adapter source: a kohya/LyCORIS or native sdtune file (``apply.load``), or an
+    Injection attached to this model or to a twin."""
+    from ..apply import LoadedFile, injection_layers, load
+    from ..inject import Injection
 
     if isinstance(source, Injection):
         if source.arch != model.arch:
             raise ValueError(f"the injection is for {source.arch}, the model is {model.arch}")
-        with torch.no_grad():
-            for name, adapter in source.adapters.items():
-                place = source.places[name]
-                delta = (adapter.effective_weight() - adapter.original_weight()).float()
-                yield place.component, f"{place.path}.weight", delta * weight
-        return
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"adapter file not found: {path}")
-    components = model.components()
-    native = (check_safetensors(path).get("__metadata__") or {}).get("sdtune_format") == FORMAT
-    if native:
-        injection = Injection.load(path, components, model.arch)
-        try:
-            yield from _deltas(injection, weight, model, base)
-        finally:
-            injection.detach()
-        return
-    file = read_kohya(path, components, model.arch)
-    for module in file.modules.values():
-        key = f"{module.module_path}.weight"
-        w = base[module.component][key]
-        yield module.component, key, module.effective_delta(w, weight, torch.float64 if w.dtype == torch.float64
-                                                            else torch.float32)
+        return list(injection_layers(source).values())
+    if isinstance(source, LoadedFile):  # already loaded (e.g. block-weighted, ``tools.blocks.weigh``)
+        return list(source.layers.values())
+    return list(load(source, model.components(), model.arch).layers.values())
 
 
 def _entries(adapters: Sequence) -> list[tuple[object, float]]:
@@ -297,32 +259,34 @@ def merged_state_dicts(model, adapters: Sequence) -> tuple[dict[str, dict[str, T
     sds = base_state_dicts(_parts(model))
     sums: dict[tuple[str, str], Tensor] = {}
     for source, weight in _entries(adapters):
-        for component, key, delta in _deltas(source, weight, model, sds):
-            w = sds[component].get(key)
+        for layer in _layers(source, model):
+            key = f"{layer.module_path}.weight"
+            w = sds[layer.component].get(key)
+            dtype = torch.float64 if w is not None and w.dtype == torch.float64 else torch.float32
+            delta = layer.delta(dtype) * weight
             if w is None or tuple(w.shape) != tuple(delta.shape):
-                raise ValueError(f"{_label(source)}: {component}.{key} does not fit the model "
+                raise ValueError(f"{_label(source)}: {layer.component}.{key} does not fit the model "
                                  f"({None if w is None else tuple(w.shape)} vs ΔW {tuple(delta.shape)})")
-            acc = sums.get((component, key))
-            if acc is None:
-                acc = sums[(component, key)] = w.to(delta.dtype).clone()
-            acc += delta.to(acc.device)
-    for (component, key), value in sums.items():
-        if not torch.isfinite(value).all():
-            raise ValueError(f"{component}.{key}: the merged weight is not finite; nothing was written")
-        sds[component][key] = value
+            acc = sums.get((layer.component, key))
+            sums[(layer.component, key)] = delta.to(w.device) if acc is None else acc + delta.to(acc.device)
+    for (component, key), delta in sums.items():
+        w = sds[component][key]
+        sds[component][key] = merged_weight(w.to(delta.dtype), delta, f"{component}.{key}")
     return sds, len(sums)
 
 
 def _label(source) -> str:
-    return str(source) if isinstance(source, (str, Path)) else type(source).__name__
+    if isinstance(source, (str, Path)):
+        return str(source)
+    return str(source.path) if hasattr(source, "layers") and hasattr(source, "path") else type(source).__name__
 
 
 def save_merged_checkpoint(model, adapters: Sequence = (), out: str | Path = "model.safetensors", *,
                            dtype: torch.dtype | str = torch.float16, diffusers_dir: str | Path | None = None,
                            metadata: Mapping[str, str] | None = None) -> dict:
-    """Bake ``adapters`` ([(file path or Injection, weight), …]) into a copy of ``model``'s weights and write the
-    A1111-layout single file ``out`` (temp file + os.replace) in ``dtype`` ("fp16" | "bf16" | "fp32" or a torch
-    dtype); with ``diffusers_dir`` also a diffusers folder (``save_pretrained``, in the model's own dtype).
+    """Bake ``adapters`` ([(file path, loaded file or Injection, weight), …]) into a copy of ``model``'s weights and
+    write the A1111-layout single file ``out`` (temp file + os.replace) in ``dtype`` ("fp16" | "bf16" | "fp32" or a
+    torch dtype); with ``diffusers_dir`` also a diffusers folder (``save_pretrained``, in the model's own dtype).
     Returns a summary: path, tensor count, merged layer count, diffusers folder."""
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     parts = _parts(model)
@@ -355,30 +319,18 @@ def _fused_count(sds: Mapping[str, Mapping[str, Tensor]], arch: str) -> int:
 def _save_diffusers(model, parts: Mapping[str, nn.Module], sds: Mapping[str, Mapping[str, Tensor]], folder: Path):
     """save_pretrained with the merged tensors swapped into the live parameters for the duration (restored after),
     attached adapters unwrapped; written to a temp sibling folder, then moved into place."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp"))
+    from ..inject import plain_layers
+
     swapped = []
-    try:
-        with _plain_layers(parts):
-            for component, sd in sds.items():
-                for key, param in parts[component].named_parameters():
-                    value = sd[key]
-                    if value.data_ptr() != param.data_ptr():
-                        swapped.append((param, param.data))
-                        param.data = value.to(param.dtype)
-            try:
-                model.pipeline.save_pretrained(str(tmp), safe_serialization=True)
-            finally:
-                for param, original in swapped:
-                    param.data = original
-        if folder.exists():
-            old = folder.with_name(folder.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_dir(folder) as tmp, plain_layers(parts):
+        for component, sd in sds.items():
+            for key, param in parts[component].named_parameters():
+                value = sd[key]
+                if value.data_ptr() != param.data_ptr():
+                    swapped.append((param, param.data))
+                    param.data = value.to(param.dtype)
+        try:
+            model.pipeline.save_pretrained(str(tmp), safe_serialization=True)
+        finally:
+            for param, original in swapped:
+                param.data = original

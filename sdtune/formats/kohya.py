@@ -1,5 +1,5 @@
 """AUTOMATIC1111 / kohya / LyCORIS adapter files: the writing side (``save_kohya``) and sdtune's native reload
-(``load_native``). Reading any file and applying it to live weights is ``reader.py``.
+(``load_native``). Reading any file is ``reader.py``; applying it to live weights is ``sdtune.apply``.
 
 A file is a flat safetensors dict ``<kohya_name>.<tensor>`` (names and tensors: ``../shared/LOADER-FACTS.md``)
 plus string metadata. Reading never unpickles: only safetensors is accepted, and its header is checked
@@ -22,6 +22,9 @@ from .. import atomic
 from . import metadata as md_
 from . import rebuild
 from .reader import FormatError, read_kohya
+
+# The dtypes files are written in (``--dtype`` / ``export_dtype``).
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 # ----------------------------------------------------------------------------------------------- writing
 

@@ -1,5 +1,5 @@
-"""Reading A1111 / kohya / LyCORIS adapter files (``read_kohya``) and applying them to live weights
-(``apply_file``, ``AppliedFile``).
+"""Reading A1111 / kohya / LyCORIS adapter files (``read_kohya``) into per-module tensor groups mapped to the live
+model (applying them is ``sdtune.apply``'s job).
 
 Only safetensors is read, never a pickle; the header is checked against the file size before any tensor is
 loaded. Each module's algorithm is read off its key set (``rebuild.detect_kind``); names map to the live
@@ -8,9 +8,8 @@ before anything is applied.
 """
 from __future__ import annotations
 
-import json
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,55 +17,11 @@ import safetensors
 import safetensors.torch
 import torch
 from torch import Tensor, nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ..archs import detect_arch as detect_model_arch
+from ..safefile import FormatError, check_safetensors
 from . import metadata as md_
 from . import rebuild
-
-PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
-MAX_HEADER = 100 * 1024 * 1024
-
-
-class FormatError(ValueError):
-    """A file that is not a readable adapter file, or one that does not fit the model it is applied to."""
-
-
-def check_safetensors(path: Path) -> dict:
-    """Refuse pickles, non-safetensors and truncated files with one clear message each, reading only the
-    header; returns the parsed header. (Also used by ``sdtune.models`` for single-file checkpoints.)"""
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise FormatError(f"{path}: {path.suffix} files are pickles and can run code when loaded; sdtune only "
-                          f"reads .safetensors (convert the file with a tool you trust)")
-    size = path.stat().st_size
-    pickled = FormatError(f"{path}: this is a pickled PyTorch file, not safetensors; sdtune never unpickles")
-    with open(path, "rb") as f:
-        head = f.read(8)
-        # pickle / torch-zip magic, only where the bytes are no valid header length (a safetensors header length
-        # may itself start with 0x80)
-        is_pickle = head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"
-        if len(head) < 8:
-            raise pickled if is_pickle else FormatError(f"{path}: not a safetensors file ({size} bytes, shorter "
-                                                        f"than a header)")
-        n = int.from_bytes(head, "little")
-        if n > MAX_HEADER or 8 + n > size:
-            raise pickled if is_pickle else FormatError(f"{path}: not a safetensors file, or truncated (header "
-                                                        f"length {n}, file {size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise pickled if is_pickle else FormatError(f"{path}: not a safetensors file (header is not JSON: "
-                                                        f"{e})") from None
-    if not isinstance(header, dict):
-        raise FormatError(f"{path}: not a safetensors file (header is not a JSON object)")
-    try:
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    except (TypeError, KeyError, IndexError, ValueError):
-        raise FormatError(f"{path}: not a safetensors file (malformed tensor entries)") from None
-    if 8 + n + end != size:
-        raise FormatError(f"{path}: truncated or padded file: the header describes {end} bytes of tensor "
-                          f"data, the file holds {size - 8 - n}")
-    return header
 
 
 @dataclass
@@ -262,94 +217,3 @@ def _map_modules(out: AdapterFile, components: Mapping[str, nn.Module], arch: st
     if mismatched:
         raise FormatError(f"{out.path}: {len(mismatched)} module(s) do not fit the model's layers (a file for "
                           f"another base model?):\n  " + "\n  ".join(mismatched[:20]))
-
-
-# ---------------------------------------------------------------------------------------------- applying
-
-_STACKS = WeakIdKeyDictionary()  # weight tensor -> the AppliedFiles on it, oldest first
-
-
-class AppliedFile:
-    """A file's ΔW added into live weights at a strength, removable again (``remove`` or ``with``).
-
-    ``remove`` restores the exact original weights. Files applied to shared layers must be removed in reverse
-    order, and a layer changed by anything else since ``apply`` is an error, not a silent mix.
-    """
-
-    def __init__(self, components: Mapping[str, nn.Module], file: AdapterFile, weight: float = 1.0):
-        self.components, self.file, self.weight = components, file, float(weight)
-        self._saved: dict[str, list] = {}  # name -> [param, original, version after our last write]
-
-    @property
-    def applied(self) -> bool:
-        return bool(self._saved)
-
-    @torch.no_grad()
-    def apply(self) -> AppliedFile:
-        if self._saved:
-            raise RuntimeError(f"{self.file.path} is already applied")
-        try:
-            for name, module in self.file.modules.items():
-                if module.component is None:
-                    continue
-                param = target_layer(self.components, module.component, module.module_path).weight
-                dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
-                new = param.detach().to(dtype) + module.effective_delta(param.detach(), self.weight, dtype)
-                if not torch.isfinite(new).all():
-                    raise FormatError(f"{self.file.path}: {name} gives non-finite weights; nothing was applied")
-                original = param.detach().clone()
-                param.copy_(new.to(param.dtype))
-                self._saved[name] = [param, original, param._version]
-                _STACKS.setdefault(param, []).append(self)
-        except BaseException:
-            self.remove()  # all or nothing
-            raise
-        return self
-
-    @torch.no_grad()
-    def remove(self) -> None:
-        later = [n for n, (p, _, _) in self._saved.items() if _STACKS[p][-1] is not self]
-        if later:
-            raise RuntimeError(f"files applied after {self.file.path} still touch {', '.join(later[:4])}; remove "
-                               f"applied files in reverse order")
-        changed = [n for n, (p, _, v) in self._saved.items() if p._version != v]
-        if changed:
-            raise RuntimeError(f"layers were changed by something else after {self.file.path} was applied "
-                               f"({', '.join(changed[:4])}); not restoring over those changes")
-        for param, original, _ in self._saved.values():
-            param.copy_(original)
-            stack = _STACKS[param]
-            stack.pop()
-            if stack:  # the file below now sees the weights it wrote, at a new version number
-                for entry in stack[-1]._saved.values():
-                    if entry[0] is param:
-                        entry[2] = param._version
-        self._saved.clear()
-
-    def __enter__(self) -> AppliedFile:
-        return self if self._saved else self.apply()
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-
-def apply_file(components: Mapping[str, nn.Module], arch: str | None, path, weight: float = 1.0, *,
-               strict: bool = True) -> AppliedFile:
-    """Read ``path`` against the live model and add its ΔW × ``weight``; returns the (applied) handle."""
-    file = read_kohya(path, components, arch, strict=strict)
-    return AppliedFile(components, file, weight).apply()
-
-
-def iter_deltas(file: AdapterFile, components: Mapping[str, nn.Module] | None = None,
-                dtype: torch.dtype = torch.float32) -> Iterable[tuple[ModuleDelta, Tensor]]:
-    """(module, effective ΔW) pairs; DoRA modules need ``components`` for the base weight."""
-    for module in file.modules.values():
-        if module.dora_scale is not None or components is not None and module.component is not None:
-            if components is None or module.component is None:
-                raise FormatError(f"{module.name}: a DoRA ΔW depends on the base weight; pass the mapped model")
-            weight = target_layer(components, module.component, module.module_path).weight.detach()
-            yield module, module.effective_delta(weight, 1.0, dtype)
-        else:
-            yield module, module.delta(None, dtype)
-
-

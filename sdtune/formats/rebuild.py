@@ -26,6 +26,8 @@ import math
 import torch
 from torch import Tensor
 
+from ..adapters import functional as Fn
+
 LORA_KEYS = {"lora_down.weight", "lora_up.weight", "lora_mid.weight"}
 LOHA_KEYS = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"}
 LOKR_KEYS = {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}
@@ -107,21 +109,23 @@ def scale(group: dict[str, Tensor]) -> float:
     return alpha / r
 
 
-def lora_delta(down: Tensor, up: Tensor, mid: Tensor | None = None) -> Tensor:
-    """up·(mid)·down, unscaled: (out, in) for 2-D factors, (out, in, kh, kw) for conv factors."""
+def lora_chain(g: dict[str, Tensor]) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(up (out, r), mid | None, down) of a LoRA group, checked to chain, in ``functional.lora_delta``'s form:
+    up's 1×1 kernel dropped, a Tucker ``down`` (r, in[, 1, 1]) left for it to flatten."""
+    up, down, mid = g["lora_up.weight"], g["lora_down.weight"], g.get("lora_mid.weight")
     if up.dim() > 2 and any(s != 1 for s in up.shape[2:]):
         raise RebuildError(f"lora_up must be 1×1, got shape {tuple(up.shape)}")
     up2 = up.reshape(up.shape[0], up.shape[1])
     if mid is None:
         if up2.shape[1] != down.shape[0]:
             raise RebuildError(f"lora_up {tuple(up.shape)} does not chain with lora_down {tuple(down.shape)}")
-        return (up2 @ down.reshape(down.shape[0], -1)).reshape(up.shape[0], *down.shape[1:])
-    if down.dim() > 2 and any(s != 1 for s in down.shape[2:]):
-        raise RebuildError(f"Tucker lora_down must be 1×1, got {tuple(down.shape)}")
-    down2 = down.reshape(down.shape[0], down.shape[1])
-    if mid.shape[0] != up2.shape[1] or mid.shape[1] != down2.shape[0]:
-        raise RebuildError(f"lora_mid {tuple(mid.shape)} does not chain up {tuple(up.shape)} / down {tuple(down.shape)}")
-    return torch.einsum("mnkl,om,ni->oikl", mid, up2, down2)
+    else:
+        if down.dim() > 2 and any(s != 1 for s in down.shape[2:]):
+            raise RebuildError(f"Tucker lora_down must be 1×1, got {tuple(down.shape)}")
+        if mid.shape[0] != up2.shape[1] or mid.shape[1] != down.shape[0]:
+            raise RebuildError(f"lora_mid {tuple(mid.shape)} does not chain up {tuple(up.shape)} / down "
+                               f"{tuple(down.shape)}")
+    return up2, mid, down
 
 
 def _tucker_factor(t: Tensor, wa: Tensor, wb: Tensor) -> Tensor:
@@ -194,17 +198,14 @@ def group_delta(group: dict[str, Tensor], target_shape: tuple[int, ...] | None =
     """The scaled ΔW of a group (no DoRA), computed in ``dtype``, reshaped to ``target_shape`` if given."""
     g = {k: v.to(dtype) for k, v in group.items()}
     kind = detect_kind(g)
-    if kind == "lora":
-        delta = lora_delta(g["lora_down.weight"], g["lora_up.weight"], g.get("lora_mid.weight"))
-    elif kind == "loha":
-        delta = loha_delta(g)
-    elif kind == "lokr":
-        delta = lokr_delta(g)
-    else:
-        delta = g["diff"]
     s = scale(g)
-    if s != 1.0:
-        delta = delta * s
+    if kind == "lora":
+        up, mid, down = lora_chain(g)
+        delta = Fn.lora_delta(up, down, s, mid)
+    else:
+        delta = loha_delta(g) if kind == "loha" else lokr_delta(g) if kind == "lokr" else g["diff"]
+        if s != 1.0:
+            delta = delta * s
     if target_shape is not None and tuple(delta.shape) != tuple(target_shape):
         if not fits(delta.shape, target_shape):
             raise RebuildError(f"ΔW of shape {tuple(delta.shape)} does not fit weight {tuple(target_shape)}")
@@ -227,20 +228,13 @@ def dora_axis(dora_scale: Tensor, weight_shape: tuple[int, ...]) -> str:
                        f"output axis ({out_dim}, 1, …) of a weight {tuple(weight_shape)}")
 
 
-def channel_norm(weight: Tensor, axis: str) -> Tensor:
-    """‖W‖ per input (``"in"``, shape (1, in, 1…)) or output (``"out"``, shape (out, 1, 1…)) channel."""
-    keep = 1 if axis == "in" else 0
-    dims = [d for d in range(weight.dim()) if d != keep]
-    return torch.linalg.vector_norm(weight, dim=dims, keepdim=True)
-
-
 def dora_weight(weight: Tensor, delta: Tensor, dora_scale: Tensor) -> Tensor:
-    """W' = m ⊙ (W+ΔW)/‖W+ΔW‖ with the axis read off ``dora_scale``'s shape (no eps, as A1111)."""
+    """W' = m ⊙ (W+ΔW)/‖W+ΔW‖ (``functional.dora_weight``, no eps, as A1111) with the axis read off
+    ``dora_scale``'s shape."""
     axis = dora_axis(dora_scale, tuple(weight.shape))
-    merged = weight + delta
-    m = dora_scale.to(merged.dtype)
-    m = m.reshape(channel_norm(merged, axis).shape)
-    return merged * (m / channel_norm(merged, axis))
+    shape = (1, -1) if axis == "in" else (-1, 1)
+    m = dora_scale.to(weight.dtype).reshape(*shape, *[1] * (weight.dim() - 2))
+    return Fn.dora_weight(weight, delta, m, axis, detach_norm=False)
 
 
 def effective_delta(group: dict[str, Tensor], weight: Tensor, multiplier: float = 1.0,
@@ -261,19 +255,10 @@ def square_tucker(group: dict[str, Tensor]) -> dict[str, Tensor]:
     mid = group.get("lora_mid.weight")
     if mid is None or mid.shape[0] == mid.shape[1]:
         return group
-    up, down = group["lora_up.weight"], group["lora_down.weight"]
-    r1, r2 = mid.shape[:2]
-    r = max(r1, r2)
-    s = scale(group)
-    new_mid = mid.new_zeros((r, r, *mid.shape[2:]))
-    new_mid[:r1, :r2] = mid
-    new_up = up.new_zeros((up.shape[0], r, *up.shape[2:]))
-    new_up[:, :r1] = up
-    new_down = down.new_zeros((r, *down.shape[1:]))
-    new_down[:r2] = down
-    out = dict(group, **{"lora_mid.weight": new_mid, "lora_up.weight": new_up, "lora_down.weight": new_down})
+    up, mid, down = Fn.pad_tucker(group["lora_up.weight"], mid, group["lora_down.weight"])
+    out = dict(group, **{"lora_mid.weight": mid, "lora_up.weight": up, "lora_down.weight": down})
     out.pop("scale", None)
-    out["alpha"] = torch.tensor(s * r, dtype=torch.float32)
+    out["alpha"] = torch.tensor(scale(group) * mid.shape[0], dtype=torch.float32)
     return out
 
 
@@ -285,7 +270,7 @@ def fold_tucker(group: dict[str, Tensor]) -> dict[str, Tensor]:
         return group
     down = group["lora_down.weight"]
     s = scale(group)
-    new_down = torch.einsum("mnkl,ni->mikl", mid, down.reshape(down.shape[0], down.shape[1]))
+    new_down = Fn.fold_tucker(mid, down)
     out = {k: v for k, v in group.items() if k not in ("lora_mid.weight", "scale")}
     out["lora_down.weight"] = new_down
     out["alpha"] = torch.tensor(s * new_down.shape[0], dtype=torch.float32)

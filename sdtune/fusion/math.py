@@ -2,7 +2,8 @@
 
 Every update is a *matricised* ΔW ∈ R^{out×d} (d = fan-in = in·kh·kw for a conv) held as factors
 ``(up, down)`` with ΔW = up @ down, up (out, r), down (r, d): low-rank adapters stay low-rank through every
-method, so nothing of size out×d is formed except by the dense methods (``ties_merge``) and by ``factorize``.
+method, so nothing of size out×d is formed (dense inputs, such as LoHa or DoRA layers, arrive already factored by
+``sdtune.apply``).
 Adapter i enters at weight w_i, so its target update is w_i·ΔW_i. Notation for subspaces: U_i (out, k) and
 V_i (d, k) are orthonormal bases of the dominant column (output) and row (input) space of ΔW_i; P_S = S Sᵀ.
 Computations are meant for float64 (the callers convert).
@@ -12,10 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-Factors = tuple[Tensor, Tensor]  # (up (out, r), down (r, d)), ΔW = up @ down
-
-# Singular values below RANK_TOL · σ_max are numerical zeros (float64 round-off of a rank-r product is ~1e-15).
-RANK_TOL = 1e-9
+from ..adapters.functional import RANK_TOL, Factors, dropped_share, keep_rank
 
 
 # ------------------------------------------------------------------------------------------ factor algebra
@@ -31,19 +29,6 @@ def svd_factors(up: Tensor, down: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return q1 @ y, s, q2 @ zh.T
 
 
-def _keep(s: Tensor, rank: int | None, tol: float) -> int:
-    if s.numel() == 0 or s[0] <= 0:
-        return 0
-    k = int((s > tol * s[0]).sum())
-    return min(k, rank) if rank is not None else k
-
-
-def _dropped(s: Tensor, k: int) -> float:
-    """‖dropped singular values‖ / ‖all‖: the relative Frobenius error of truncating to rank k."""
-    total = s.square().sum()
-    return float((s[k:].square().sum() / total).sqrt()) if total > 0 else 0.0
-
-
 def compact(up: Tensor, down: Tensor, rank: int | None = None, tol: float = RANK_TOL) -> tuple[Tensor, Tensor, float]:
     """Re-factor ΔW = up @ down at its numerical rank (σ > tol·σ_max), truncated to ``rank`` if given.
 
@@ -51,17 +36,9 @@ def compact(up: Tensor, down: Tensor, rank: int | None = None, tol: float = RANK
     (Eckart–Young: the root of the dropped σ² over all σ²; 0 up to round-off when only numerical zeros go).
     """
     left, s, right = svd_factors(up, down)
-    k = _keep(s, rank, tol)
+    k = keep_rank(s, rank, tol)
     root = s[:k].sqrt()
-    return left[:, :k] * root, root[:, None] * right[:, :k].T, _dropped(s, k)
-
-
-def factorize(delta: Tensor, rank: int | None = None, tol: float = RANK_TOL) -> tuple[Tensor, Tensor, float]:
-    """Factors of a dense matricised ΔW (out, d) by truncated SVD; same return and error as ``compact``."""
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    k = _keep(s, rank, tol)
-    root = s[:k].sqrt()
-    return u[:, :k] * root, root[:, None] * vh[:k], _dropped(s, k)
+    return left[:, :k] * root, root[:, None] * right[:, :k].T, dropped_share(s, k)
 
 
 def concat(parts: list[Factors], weights: list[float]) -> Factors:
@@ -74,6 +51,11 @@ def dense(f: Factors) -> Tensor:
     return f[0] @ f[1]
 
 
+def norm(f: Factors) -> float:
+    """‖up @ down‖_F without forming the product (the root of Σσ² of ``svd_factors``)."""
+    return float(svd_factors(*f)[1].square().sum().sqrt())
+
+
 # ----------------------------------------------------------------------------------------------- subspaces
 
 def dominant_bases(up: Tensor, down: Tensor, energy: float = 1.0, tol: float = RANK_TOL) -> tuple[Tensor, Tensor]:
@@ -83,7 +65,7 @@ def dominant_bases(up: Tensor, down: Tensor, energy: float = 1.0, tol: float = R
     at energy = 1). U (out, k), V (d, k).
     """
     left, s, right = svd_factors(up, down)
-    n = _keep(s, None, tol)
+    n = keep_rank(s, None, tol)
     if n == 0:
         return left[:, :0], right[:, :0]
     cum = torch.cumsum(s[:n].square(), 0)
@@ -225,10 +207,6 @@ def cross_products(parts: list[Factors]) -> tuple[float, float]:
     """Largest normalised cross-products over pairs i ≠ j: max ‖ΔW_iᵀΔW_j‖_F/(‖ΔW_i‖‖ΔW_j‖) (outputs overlap)
     and max ‖ΔW_iΔW_jᵀ‖_F/(‖ΔW_i‖‖ΔW_j‖) (inputs overlap), in factor form. 0 = mutually orthogonal."""
     out_max = in_max = 0.0
-
-    def norm(f: Factors) -> float:
-        return float(svd_factors(*f)[1].square().sum().sqrt())
-
     norms = [norm(f) for f in parts]
     for i, (ui, di) in enumerate(parts):
         for j, (uj, dj) in enumerate(parts):
