@@ -16,8 +16,8 @@ from sdtune.models import load
 from sdtune.sample import SampleRequest, generate
 
 
-def rates(model, judge, prompt: str, n: int, adapters, token: str, cls: str) -> tuple[float, float]:
-    samples = generate(model, SampleRequest([prompt], seed=500, steps=20, guidance=5.0, count=n, adapters=adapters),
+def rates(model, judge, prompt: str, n: int, adapters, token: str, cls: str, seed: int = 500) -> tuple[float, float]:
+    samples = generate(model, SampleRequest([prompt], seed=seed, steps=20, guidance=5.0, count=n, adapters=adapters),
                        progress=False)
     v = J.judge(judge, [s.image for s in samples])
     is_concept = [(x.object == token) if token in tw.OBJECTS else (x.style == token) for x in v]
@@ -30,15 +30,16 @@ def main() -> None:
     p.add_argument("adapter")
     p.add_argument("--token", default="sks")
     p.add_argument("--n", type=int, default=32)
+    p.add_argument("--seed", type=int, default=500, help="first sampling seed (each sample takes the next one)")
     a = p.parse_args()
     model, judge = load(), J.load()
     cls = tw.concept_class_word(a.token)
     concept_prompt = f"a {a.token} {cls}" if a.token in tw.OBJECTS else f"a {tw.SHAPES[0]} in {a.token} style"
     class_prompt = f"a {cls}" if a.token in tw.OBJECTS else f"a {tw.SHAPES[0]}"
-    base_fid, _ = rates(model, judge, concept_prompt, a.n, [], a.token, cls)
-    fid, _ = rates(model, judge, concept_prompt, a.n, [(a.adapter, 1.0)], a.token, cls)
-    _, base_prior = rates(model, judge, class_prompt, a.n, [], a.token, cls)
-    leak, prior = rates(model, judge, class_prompt, a.n, [(a.adapter, 1.0)], a.token, cls)
+    base_fid, _ = rates(model, judge, concept_prompt, a.n, [], a.token, cls, a.seed)
+    fid, _ = rates(model, judge, concept_prompt, a.n, [(a.adapter, 1.0)], a.token, cls, a.seed)
+    _, base_prior = rates(model, judge, class_prompt, a.n, [], a.token, cls, a.seed)
+    leak, prior = rates(model, judge, class_prompt, a.n, [(a.adapter, 1.0)], a.token, cls, a.seed)
     print("| prompt | base model | with adapter |")
     print("|---|---|---|")
     print(f"| \"{concept_prompt}\": concept fidelity | {base_fid:.1%} | {fid:.1%} |")

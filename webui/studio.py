@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 from sdtune import compose, fusion
+from sdtune.console import quiet_third_party
 from sdtune.apply import load
 from sdtune.formats.checkpoint import save_merged_checkpoint
 from sdtune.inspect import format_inspection, inspect_file
@@ -217,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--recipe", default="demo")
     p.add_argument("--name", default="webui-defaults")
     a = p.parse_args(argv)
+    quiet_third_party()
     studio, d = Studio(a.workspace), form_defaults(a.recipe)
     print(studio.train_start(a.recipe, None, a.folder, d.instance_prompt, d.class_prompt, d.targets, d.steps, d.lr,
                              a.name, d.seed, d.lr_text), flush=True)
