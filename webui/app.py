@@ -108,8 +108,8 @@ def build_app(workspace: Path, model_source=None, max_pixels: int = DEFAULT_MAX_
                         folder = gr.Dropdown(ws.image_folders(), value=None, allow_custom_value=True,
                                              label="…or a folder of images inside the workspace",
                                              elem_id="train-folder")
-                        instance_prompt = gr.Textbox(defaults.instance_prompt, label="Instance prompt (blank = each "
-                                                     "image's .txt caption)", placeholder="a sks star",
+                        instance_prompt = gr.Textbox(defaults.instance_prompt, label="Instance prompt (for images "
+                                                     "without a .txt caption; blank = every image needs one)", placeholder="a sks star",
                                                      elem_id="train-prompt")
                         class_prompt = gr.Textbox(defaults.class_prompt, label="Class prompt (prior preservation; "
                                                   "blank = off)", placeholder="a star", elem_id="train-class")
