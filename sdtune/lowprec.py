@@ -21,15 +21,15 @@ from torch import Tensor, nn
 from .adapters import DoRA
 from .adapters import functional as Fn
 from .adapters.frozen import QUANT_KINDS, is_quantised, quantise_layer
+from .formats.kohya import DTYPES
 
-BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BASE_QUANTS = ("none", *QUANT_KINDS)
 
 
 def lower_base(components: Mapping[str, nn.Module], injection, *, dtype: str = "fp32", quant: str = "none") -> None:
     """Store the frozen model in ``dtype`` and quantise the adapted layers' weights by ``quant`` (in place)."""
-    if dtype not in BASE_DTYPES:
-        raise ValueError(f"base dtype {dtype!r}: expected one of {tuple(BASE_DTYPES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"base dtype {dtype!r}: expected one of {tuple(DTYPES)}")
     if quant not in BASE_QUANTS:
         raise ValueError(f"base quantisation {quant!r}: expected one of {BASE_QUANTS}")
     adapters = list(injection.adapters.values())
@@ -40,8 +40,8 @@ def lower_base(components: Mapping[str, nn.Module], injection, *, dtype: str = "
                                  "(base_quant = {quant!r}) cannot give; use path = 'auto' or 'bypass'")
         for a in adapters:
             a.base = quantise_layer(a.base, quant)
-            a.base.dequant_dtype = BASE_DTYPES[dtype]
-    target = BASE_DTYPES[dtype]
+            a.base.dequant_dtype = DTYPES[dtype]
+    target = DTYPES[dtype]
     if target != torch.float32:
         masters = {id(t) for a in adapters for t in (*a.lora.parameters(), *a.lora.buffers(), *a.parameters(False))}
         for comp in components.values():

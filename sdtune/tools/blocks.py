@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from torch import nn
 
 from .. import names
+from ..scope import unet_block
 
 BLOCK_IDS: dict[str, dict[int, list[str]]] = {
     "sd1": {
@@ -123,9 +124,7 @@ def block_of(component: str, module_path: str, unet_config: Mapping) -> tuple[st
     """(A1111 block ID or None, sdtune block name) of a layer; ``unet_config``: the model's U-Net config."""
     if component != "unet":
         return "BASE", component
-    head = module_path.split(".")
-    sdtune_name = ".".join(head[:2]) if head[0] in ("down_blocks", "up_blocks") else (
-        "mid_block" if head[0] == "mid_block" else "other")
+    sdtune_name = unet_block(module_path)
     try:
         ldm = names.ldm_unet_path(module_path, config=unet_config)
     except ValueError:
