@@ -649,7 +649,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     for name, cls in SECTIONS.items():
         if isinstance(d.get(name), dict):
             resolve_input_paths(cls, d[name], folder)
-    for subset in (d.get("data") or {}).get("subsets", []) if isinstance(d.get("data"), dict) else []:
+    data = d.get("data")
+    for subset in data.get("subsets", []) if isinstance(data, dict) else []:
         if isinstance(subset, dict):
             resolve_input_paths(SubsetConfig, subset, folder)
     for item in overrides:  # --set values are typed at the shell: relative to the working directory
