@@ -18,6 +18,13 @@ of torch.cuda.max_memory_allocated); the median of ``--steps`` steps after ``--w
 quantises the adapted layers' weights (sdtune only: ``sdtune.lowprec``), ``--compile`` wraps the U-Net in
 torch.compile (its first steps, the compile, fall in the warm-up), ``--small`` uses the architecture's small widths
 (CPU tests of bench/gpu.sh), ``--jsonl FILE`` appends each configuration's result as one JSON line.
+
+One layer instead of the whole step (``layer_ops.py``): which full-size ops and casts an adapter runs under autocast,
+or its forward + backward time in fp32 and bf16 against the frozen layer:
+
+    python bench/bench_adapters.py --layer conv --dtype bf16 --list      # every full-size op, with dtypes and shapes
+    python bench/bench_adapters.py --layer linear --layer-adapters sdtune-dora,peft-dora --dtype fp32
+    python bench/bench_adapters.py --layer conv --layer-time 20           # median ms, fp32 vs bf16, over the floor
 """
 from __future__ import annotations
 
@@ -113,9 +120,10 @@ def run_one(name: str, steps: int, warmup: int, grad_ckpt: bool, device: str = "
             compile_backend: str = "inductor") -> dict:
     import torch
 
-    from sdtune import optim
     from sdtune.archs import build_unet
-    from sdtune.lowprec import BASE_DTYPES, lower_base
+    from sdtune.formats.kohya import DTYPES
+    from sdtune.lowprec import lower_base
+    from sdtune.train import optim
 
     torch.manual_seed(0)
     unet = build_unet(arch, device=device, small=small)  # adapters are built on their base weight's device
@@ -136,7 +144,7 @@ def run_one(name: str, steps: int, warmup: int, grad_ckpt: bool, device: str = "
     if not name.startswith("sdtune-") and base_dtype != "fp32":    # the same frozen storage for the peers
         for p in unet.parameters():
             if not p.requires_grad:
-                p.data = p.data.to(BASE_DTYPES[base_dtype])
+                p.data = p.data.to(DTYPES[base_dtype])
     (latents, timestep, text), cond = _inputs(unet, batch, resolution // 8, device)
     target = torch.randn_like(latents)
     opt = optim.build(optimizer, [{"params": params, "lr": 1e-4}], betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
@@ -191,9 +199,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: no codegen)")
     ap.add_argument("--small", action="store_true", help="small widths of the architecture (tests)")
     ap.add_argument("--jsonl", help="append each configuration's result to this file as a JSON line")
+    one = ap.add_argument_group("one layer instead of the whole step (layer_ops.py)")
+    one.add_argument("--layer", choices=("conv", "linear"), help="an SD1.5-sized conv or linear layer")
+    one.add_argument("--layer-adapters", default="floor,sdtune-locon,sdtune-dora,sdtune-flora,peft-lora,peft-dora")
+    one.add_argument("--list", action="store_true", help="print every full-size op, not only the summary")
+    one.add_argument("--layer-time", type=int, default=0, metavar="N", help="median ms of N forward+backward instead")
+    one.add_argument("--channels-last", action="store_true", help="the layer and its input in channels_last")
     args = ap.parse_args(argv)
+    if args.layer:
+        if args.dtype == "fp16":
+            ap.error("--layer: --dtype fp32 or bf16 (CPU autocast)")
+        from layer_ops import report
+
+        report(args.layer_adapters.split(","), args.layer, args.dtype, args.channels_last, args.list, args.layer_time)
+        return
     if args.resolution % 64 and not args.small:
         ap.error("--resolution must be a multiple of 64")
+    if args.base_dtype != "fp32" and args.dtype == "fp32":
+        ap.error(f"--base-dtype {args.base_dtype} needs autocast: --dtype bf16 or fp16")
     if args.device == "cuda":
         import torch
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 
-from sdtune import judge as J
-from sdtune import toyworld as tw
 from sdtune.models import load
 from sdtune.sample import SampleRequest, generate
+from sdtune.toy import judge as J
+from sdtune.toy import world as tw
 
 
 def rates(model, judge, prompt: str, n: int, adapters, token: str, cls: str, seed: int = 500) -> tuple[float, float]:
@@ -34,7 +34,7 @@ def main() -> None:
     a = p.parse_args()
     model, judge = load(), J.load()
     cls = tw.concept_class_word(a.token)
-    concept_prompt = f"a {a.token} {cls}" if a.token in tw.OBJECTS else f"a {tw.SHAPES[0]} in {a.token} style"
+    concept_prompt = tw.concept_prompt(a.token)
     class_prompt = f"a {cls}" if a.token in tw.OBJECTS else f"a {tw.SHAPES[0]}"
     base_fid, _ = rates(model, judge, concept_prompt, a.n, [], a.token, cls, a.seed)
     fid, _ = rates(model, judge, concept_prompt, a.n, [(a.adapter, 1.0)], a.token, cls, a.seed)

@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from sdtune import judge as J
-from sdtune import toyworld as tw
 from sdtune.models import load
 from sdtune.sample import SampleRequest, generate
+from sdtune.toy import judge as J
+from sdtune.toy import world as tw
 
 
 @torch.no_grad()

@@ -22,12 +22,13 @@ import torch
 from diffusers import DDPMScheduler
 from PIL import Image
 
-from sdtune import judge as J
 from sdtune.models import load
+from sdtune.resources import ASSETS
 from sdtune.sample import SampleRequest, generate
 from sdtune.tools.extract import extract, save_extracted
+from sdtune.toy import judge as J
 
-DATA = Path(__file__).resolve().parents[1] / "sdtune" / "assets" / "demo" / "sks"
+DATA = ASSETS / "demo" / "sks"
 PROMPTS = ["a sks star", "a star"]
 
 

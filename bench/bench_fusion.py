@@ -4,7 +4,7 @@
     python bench/bench_fusion.py --concepts sks,ohwx,qtz,bnp --out outputs/bench_fusion4 # 4 concepts
     python bench/bench_fusion.py --smoke --out /tmp/bf        # ~2 min: checks the plumbing only
 
-For each *family* of adapters every concept is trained alone (``sdtune.train.train``) on 12 (``--instances``)
+For each *family* of adapters every concept is trained alone (``sdtune.train.loop.train``) on 12 (``--instances``)
 toy-world instance images with the demo's first recipe (attn + resnet + text encoder, lr 3e-3 / 1e-3, 600 steps,
 batch 4; a style's class prompts are its own captions without the style, cycled, or ``--style-prior shapes``): ``locon``
 (free LoCon r8: fused with sum / orthogonal / orthogonal-sequential / regmean / zip; zip is fitted on each concept's
@@ -31,16 +31,12 @@ from pathlib import Path
 import torch
 
 from sdtune import compose, fusion
-from sdtune import judge as J
-from sdtune import toyworld as tw
 from sdtune.apply import load as load_file
 from sdtune.fusion import ZipOptions
 from sdtune.models import load
 from sdtune.sample import SampleRequest
-
-
-def concept_prompt(token: str) -> str:
-    return f"a {token} {tw.OBJECTS[token]}" if token in tw.OBJECTS else f"a circle in {token} style"
+from sdtune.toy import judge as J
+from sdtune.toy import world as tw
 
 
 def marked_prompt(prompt: str, tokens: list[str]) -> str:
@@ -68,7 +64,7 @@ def instance_captions(out: Path, token: str) -> list[str]:
 
 def train_concept(token: str, family: str, rule: dict, out: Path, a) -> Path:
     from sdtune.config import apply_override, from_dict
-    from sdtune.train import train
+    from sdtune.train.loop import train
 
     rule = dict(rule)
     lr_scale = rule.pop("lr_scale", 1.0)
@@ -182,9 +178,9 @@ def main() -> None:
     fams = families(tokens)
     if a.families:
         fams = {k: v for k, v in fams.items() if k in a.families.split(",")}
-    solo_prompts = [concept_prompt(t) for t in tokens]
+    solo_prompts = [tw.concept_prompt(t) for t in tokens]
     joint = joint_pairs(tokens)
-    joint_prompts = [f"a {o} {tw.OBJECTS[o]} in {s} style" for o, s in joint]
+    joint_prompts = [tw.concept_prompt(o, style=s) for o, s in joint]
     class_prompts = sorted({f"a {tw.OBJECTS[t]}" for t in tokens if t in tw.OBJECTS} | {"a red circle"})
     base = judge_rates(model, judge, [], [], class_prompts, a)
     base_prior = {q: prior_ok(vs, q) for q, vs in base.items()}

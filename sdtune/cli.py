@@ -63,7 +63,7 @@ def _block_specs(specs: list[str], n: int) -> list[str | None]:
 
 def _weighted_files(paths, specs, model) -> list:
     """Each adapter file loaded against the model, block-weighted where a spec is given; prints what moved."""
-    from .tools.blocks import load_weighted, parse, touched
+    from .blocks import load_weighted, parse, touched
 
     files = []
     for path, spec in zip(paths, specs):
@@ -288,7 +288,7 @@ def _add_extract(sub) -> None:
 def cmd_train(a) -> int:
     from .config import describe, load_config
     from .resources import recipe_path, recipes
-    from .train import DiskSpaceError, TrainingDiverged, train
+    from .train.loop import DiskSpaceError, TrainingDiverged, train
 
     if a.describe:
         print(describe())

@@ -120,7 +120,7 @@ def generate(model, request: SampleRequest, *, progress: bool = True) -> list[Sa
 def _composed(model, hooks, cp: ComposedPrompt, prompt: str, request: SampleRequest, step_done) -> list[Sample]:
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
-    from .data import Encoder, denoise
+    from .data.dataset import Encoder, denoise
 
     pipe = model.pipeline
     encoder = Encoder(model, cache_latents=False, cache_text=False, device=pipe.unet.device)

@@ -3,7 +3,7 @@
 ``load()`` is the one entry point. It returns a :class:`BaseModel`: the diffusers pipeline plus the
 architecture family (``sd1``, ``sd2`` or ``sdxl``) that decides adapter names and export metadata. The
 embedded default ``assets/tiny-sd`` is an SD1-family pipeline pretrained on the toy world
-(``python -m sdtune.pretrain``) and needs no network.
+(``python -m sdtune.toy.pretrain``) and needs no network.
 """
 from __future__ import annotations
 
@@ -20,6 +20,12 @@ from .archs import detect_arch
 from .console import hide_pipeline_loading_bar
 from .safefile import PICKLE_SUFFIXES, FormatError, check_safetensors
 from .resources import ASSETS
+
+def model_multiple(pipeline) -> int:
+    """The side multiple a model needs: VAE scale factor × 2^(number of U-Net downsamplers)."""
+    down = sum(1 for kind in pipeline.unet.config.down_block_types) - 1  # the last down block keeps the size
+    return int(pipeline.vae_scale_factor) * 2 ** down
+
 
 # SDTUNE_EMBEDDED points the default at another folder (e.g. a micro model while assets/tiny-sd is rebuilt).
 EMBEDDED = Path(os.environ.get("SDTUNE_EMBEDDED", ASSETS / "tiny-sd"))
@@ -131,7 +137,7 @@ def load(source: str | Path | None = None, *, dtype: torch.dtype = torch.float32
     path = EMBEDDED if source is None else Path(source).expanduser()
     hide_pipeline_loading_bar()  # sdtune shows its own progress, not the libraries' loading bars
     if not path.exists():
-        hint = " (the embedded model is created by `python -m sdtune.pretrain`)" if source is None else ""
+        hint = " (the embedded model is created by `python -m sdtune.toy.pretrain`)" if source is None else ""
         raise ModelLoadError(f"base model not found: {path}{hint}")
     if path.is_dir():
         pipe = _from_folder(path, dtype)

@@ -12,8 +12,7 @@ from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
 from .atomic import atomic_path, write_text
-
-from .buckets import model_multiple
+from .models import model_multiple
 
 
 @dataclass
@@ -30,7 +29,7 @@ class SampleRequest:
     height: int | None = None
     count: int = 1
     adapters: list[tuple[str, float]] = field(default_factory=list)  # (A1111/kohya file, weight), applied while sampling
-    blocks: list[str | None] = field(default_factory=list)  # per adapter: block weights (``tools.blocks``) or None
+    blocks: list[str | None] = field(default_factory=list)  # per adapter: block weights (``sdtune.blocks``) or None
     guidance_rescale: float = 0.0  # φ of Lin et al. 2024 §3.4: mix of the guided prediction rescaled to the
     #                                conditional one's standard deviation (0.7 suits zero-terminal-SNR models)
     zero_terminal_snr: bool = False  # sample with zero-terminal-SNR betas and trailing timesteps (``schedules``)
@@ -67,7 +66,7 @@ def generate(model, request: SampleRequest, *, progress: bool = True) -> list[Sa
     Each image has its own generator seeded ``seed + i`` so any single image can be reproduced alone.
     """
     from .schedules import sampling_schedule
-    from .tools.blocks import apply_file
+    from .blocks import apply_file
 
     with ExitStack() as applied:
         applied.enter_context(sampling_schedule(model.pipeline, request.zero_terminal_snr))

@@ -134,15 +134,10 @@ def sampling_schedule(pipe, zero_terminal: bool):
 
 def training_schedule(scheduler_config, train) -> NoiseSchedule:
     """The trainer's schedule: the base scheduler's betas and prediction type, with ``train.zero_terminal_snr``;
-    a ConfigError for a combination that cannot be trained."""
-    from .config import ConfigError
-
-    try:
-        schedule = NoiseSchedule.from_config(scheduler_config, zero_terminal=train.zero_terminal_snr)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    a ValueError for a combination that cannot be trained (the trainer reports it as a ConfigError)."""
+    schedule = NoiseSchedule.from_config(scheduler_config, zero_terminal=train.zero_terminal_snr)
     if schedule.zero_terminal and schedule.prediction == "epsilon":
-        raise ConfigError("[train] zero_terminal_snr = true needs a v-prediction base (the base scheduler predicts "
+        raise ValueError("[train] zero_terminal_snr = true needs a v-prediction base (the base scheduler predicts "
                           "epsilon, which is the noisy latent itself at zero SNR and says nothing about the image): "
                           "use a v-prediction base or set zero_terminal_snr = false")
     return schedule

@@ -1,6 +1,6 @@
 """Per-block rules: which U-Net blocks and text-encoder layers an ``[[adapters]]`` rule covers.
 
-A rule's ``blocks`` names U-Net blocks by their diffusers module paths, the names ``sdtune.tools.blocks`` uses:
+A rule's ``blocks`` names U-Net blocks by their diffusers module paths, the names ``sdtune.blocks`` uses:
 ``down_blocks.N``, ``mid_block``, ``up_blocks.N`` and ``other`` (conv_in, time embedding, conv_out: outside the
 three block stacks). A ``te`` rule's ``layers = [first, last]`` covers text-encoder layers first…last (inclusive;
 every text encoder of the model). Inside ``inject`` the scope travels with the preset as one string, the scoped

@@ -29,7 +29,7 @@ def fresh_tiny_model():
 
 @pytest.fixture(scope="session")
 def judge_model():
-    from sdtune import judge
+    from sdtune.toy import judge
 
     return judge.load()
 

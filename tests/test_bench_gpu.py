@@ -1,6 +1,6 @@
-"""bench/gpu.sh on the CPU (small widths, 64 px, one step per configuration): every row runs and is reported.
-
-About 25 processes (one per configuration, each importing torch and diffusers): minutes on 2 cores, so slow.
+"""bench/gpu.sh on the CPU (small widths, 64 px, one step per configuration): every row runs and is reported
+(about 25 processes, one per configuration, each importing torch and diffusers: minutes on 2 cores, so slow);
+and bench_adapters.py's one-layer mode (seconds).
 """
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,27 @@ def test_gpu_script_runs_every_row_on_cpu(tmp_path):
     assert ("sd1", "bf16", "none", True, "peft-lora", 16) in seen
     assert all(r["s_step"] > 0 and (r["trainable"] > 0) == (r["config"] != "floor") for r in rows)
     assert len(rows) == 23 - (0 if has_bnb else 2)
+
+
+def test_one_layer_mode_lists_the_full_size_ops_and_casts():
+    """``bench_adapters.py --layer``: under bf16 autocast an sdtune adapter casts exactly what its frozen layer
+    casts (the bench's own claim in RESULTS), and the summary names every adapter asked for."""
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_adapters.py"), "--layer", "linear", "--dtype", "bf16",
+                          "--layer-adapters", "floor,sdtune-locon"], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    copies = {line.split(":")[0]: line.split(", ")[1] for line in res.stdout.splitlines() if "full-size ops" in line}
+    assert set(copies) == {"floor", "sdtune-locon"}
+    assert copies["floor"] == copies["sdtune-locon"], res.stdout
+
+
+def test_one_configuration_runs_in_its_own_process():
+    """The step bench's unit (one configuration, small widths, a bf16-stored base): the JSON line it prints."""
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_adapters.py"), "--config", "sdtune-locon",
+                          "--small", "--resolution", "64", "--steps", "1", "--warmup", "0", "--dtype", "bf16",
+                          "--base-dtype", "bf16"],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    row = json.loads(res.stdout.strip().splitlines()[-1])
+    assert row["config"] == "sdtune-locon" and row["base_dtype"] == "bf16" and row["trainable"] > 0
+    assert row["s_step"] > 0

@@ -1,4 +1,4 @@
-"""Block weights (``sdtune.tools.blocks``): A1111 LoRA-block-weight notation, applied at sampling and baked by
+"""Block weights (``sdtune.blocks``): A1111 LoRA-block-weight notation, applied at sampling and baked by
 ``fuse`` and ``merge``."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from sdtune.apply import apply_file, load
 from sdtune.formats import save_kohya
 from sdtune.inject import attach
 from sdtune.names import ldm_unet_path, name_map
-from sdtune.tools import blocks
+from sdtune import blocks
 
 
 def _small(arch):
@@ -153,7 +153,7 @@ def test_web_ui_blend_and_sample_take_block_weights(tmp_path):
     blended = load(out["files"][0], comps, model.arch)
     assert not any(n.startswith("lora_unet_mid_block") for n in blended.layers)
     args = ("a star", "", 0, 2, 5.0, None, 1, ["a.safetensors"], "")
-    plain, weighted = studio.sample(*args), studio.sample(*args, False, "NONE")
+    plain, weighted = studio.sample(*args)["images"], studio.sample(*args, False, "NONE")["images"]
     from PIL import Image
 
     assert Image.open(plain[0]).tobytes() != Image.open(weighted[0]).tobytes()

@@ -87,8 +87,8 @@ def test_composed_prediction_matches_its_formula(tiny_model, adapters):
     """One sampler step from the same noise: the composed image equals the one drawn from u + g(c − u) with
     c = Σ_k ε̂_k(view_k) − (K−1) ε̂_0(neutral) and u = Σ_k ε̂_k("") − (K−1) ε̂_0(""), each ε̂_k computed with
     adapter k merged by ``apply_file``; the model is left as it was."""
-    from sdtune.data import Encoder, denoise
     from sdtune.apply import apply_file
+    from sdtune.data.dataset import Encoder, denoise
 
     a, b = adapters
     pipe, comps = tiny_model.pipeline, tiny_model.components()

@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from sdtune.buckets import TooSmall, make_buckets, model_multiple, place
-from sdtune.data import DreamBoothDataset, Example, masked_mean, scan_instance_dir
+from sdtune.data.buckets import TooSmall, make_buckets, place
+from sdtune.models import model_multiple
+from sdtune.data.dataset import DreamBoothDataset, Example, masked_mean, scan_instance_dir
 
 
 def test_the_side_multiple_comes_from_the_vae_and_the_unet(tiny_model):
@@ -118,9 +119,9 @@ def test_zero_mask_gives_zero_loss_and_zero_gradient_from_that_region():
 
 
 def test_training_on_mixed_aspect_images_with_class_images(tiny_model, tmp_path):
-    """Non-square buckets next to square class images: one run, bucket table written, loss finite."""
+    """Non-square buckets with class images: one run, class images per bucket, bucket table written, loss finite."""
     from sdtune.config import loads_config
-    from sdtune.train import Trainer
+    from sdtune.train.loop import Trainer
 
     inst = _folder(tmp_path / "inst", SIZES)
     cls = _folder(tmp_path / "cls", {f"c{i}": (64, 64) for i in range(2)})
@@ -150,12 +151,32 @@ dir = "{out}"
     trainer = Trainer(cfg, progress=False)
     trainer.setup()
     assert trainer.dataset.num_batches(2) == 2 + 1 + 1
-    views = trainer.micro_batch(0)
-    assert len(views) == 4 and len(trainer.dataset.groups(views)) >= 1
+    # class images drawn at each instance bucket's shape (2 asked, at least one per bucket), paired by bucket:
+    # every micro-batch is one latent shape, one U-Net call
+    assert sorted(p.name for p in cls.glob("class_*.png")) == [
+        "class_00000.png", "class_00001.png", "class_48x80_00000.png", "class_80x48_00000.png"]
+    assert Image.open(cls / "class_80x48_00000.png").size == (80, 48)
+    for k in range(trainer.dataset.num_batches(2)):
+        views = trainer.micro_batch(k)
+        assert len(views) == 4 and len(trainer.dataset.groups(views)) == 1
     result = trainer.run()
     assert result.status == "finished" and all(math.isfinite(v) for v in result.losses)
     assert "80×48" in (out / "buckets.txt").read_text()
     assert math.isfinite(trainer.eval_loss())
+    # kohya's bucket keys in the export, as A1111's metadata viewer reads them
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(out / "adapter.safetensors", "pt") as f:
+        md = f.metadata()
+    info = json.loads(md["ss_bucket_info"])
+    assert md["ss_enable_bucket"] == "True" and md["ss_bucket_no_upscale"] == "True"
+    assert sum(b["count"] for b in info["buckets"].values()) == len(trainer.dataset) == len(SIZES)
+    assert {tuple(b["resolution"]) for b in info["buckets"].values()} == {
+        trainer.dataset.placement(e).bucket for e in trainer.dataset.instances}
+    wide = abs(2.0 - 80 / 48)  # 128×64 and 160×80 in the 80×48 bucket
+    assert 0 < info["mean_img_ar_error"] <= wide
 
 
 def test_sample_takes_width_and_height(tiny_model):
@@ -178,13 +199,13 @@ def _concept_pixels(x: torch.Tensor) -> int:
 def test_framed_toy_scenes_lose_the_concept_to_a_centre_square_crop_but_not_to_buckets(tmp_path):
     """The toy world's non-square instance set: a centre square crop cuts part of the star off in at least a
     third of the images; the bucket view keeps (almost) all of it."""
-    from sdtune import toyworld as tw
+    from sdtune.toy import world as tw
 
     tw.write_framed_instance_folder("sks", tmp_path / "inst", n=12)
     buckets = make_buckets(64, 16)
     found = scan_instance_dir(tmp_path / "inst", 64, prompt=None, buckets=buckets)
     with_buckets = DreamBoothDataset(found, None, resolution=64, buckets=buckets)
-    square = DreamBoothDataset(found, None, resolution=64)
+    square = DreamBoothDataset(found, None, resolution=64, upscale=True)  # 48 px short sides: classic resize
     assert {with_buckets.placement(e).bucket for e in found} == {(80, 48), (48, 80)}
     cut = 0
     for ex in found:
@@ -196,3 +217,14 @@ def test_framed_toy_scenes_lose_the_concept_to_a_centre_square_crop_but_not_to_b
         cut += kept_square < 0.8 * whole
         assert kept_bucket > 0.75 * whole
     assert cut >= len(found) / 3
+
+
+def test_class_images_are_shared_out_over_the_instance_buckets():
+    from sdtune.data.classes import class_image_shapes
+
+    ex = [Example(f"{k}.png", "", size=size) for k, size in enumerate([(128, 64)] * 3 + [(64, 128), (64, 64)])]
+    buckets = make_buckets(64, 16)
+    assert class_image_shapes(ex, [1] * 5, 10, 64, buckets) == {(48, 80): 2, (64, 64): 2, (80, 48): 6}
+    assert class_image_shapes(ex, [1, 1, 1, 4, 1], 16, 64, buckets) == {(48, 80): 8, (64, 64): 2, (80, 48): 6}
+    assert class_image_shapes(ex, [1] * 5, 2, 64, buckets) == {(48, 80): 1, (64, 64): 1, (80, 48): 1}  # ≥ 1 each
+    assert class_image_shapes(ex, [1] * 5, 10, 64, None) == {(64, 64): 10}  # no buckets: all square

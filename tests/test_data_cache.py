@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from sdtune import latent_cache
-from sdtune.buckets import make_buckets
-from sdtune.data import DreamBoothDataset, Encoder, scan_instance_dir
-from sdtune.latent_cache import LatentCache, vae_fingerprint
+from sdtune.data import latent_cache
+from sdtune.data.buckets import make_buckets
+from sdtune.data.dataset import DreamBoothDataset, Encoder, scan_instance_dir
+from sdtune.data.latent_cache import LatentCache, vae_fingerprint
 
 
 def _data(folder: Path, seed: int = 0):

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdtune.captions import CaptionError, CaptionPolicy, clean_caption, read_caption
-from sdtune.data import DreamBoothDataset, scan_instance_dir, warn_long_captions
+from sdtune.data.captions import CaptionError, CaptionPolicy, clean_caption, read_caption
+from sdtune.data.dataset import DreamBoothDataset, scan_instance_dir, warn_long_captions
 
 TAGS = "sks, star, magenta, lime, striped background, outdoors"
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdtune.data import DataError, DreamBoothDataset, scan_instance_dir
-from sdtune.intake import UnusableImage, decode, header_size, probe
+from sdtune.data.dataset import DataError, DreamBoothDataset, scan_instance_dir
+from sdtune.data.intake import UnusableImage, decode, header_size, probe
 
 RED, GREEN = (255, 0, 0), (0, 255, 0)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sdtune.data import DataError, scan_instance_dir
+from sdtune.data.dataset import DataError, scan_instance_dir
 
 
 def _images(folder: Path, names: list[str]) -> None:
@@ -38,7 +38,7 @@ def test_masked_loss_zero_region_gives_zero_gradient(tmp_path):
     """Two images with identical pixels: one masked to zero on its right half. Its loss only sees the left
     half; one masked to zero everywhere gives exactly zero loss and zero adapter gradient."""
     from sdtune.config import loads_config
-    from sdtune.train import Trainer
+    from sdtune.train.loop import Trainer
 
     inst, masks = tmp_path / "inst", tmp_path / "masks"
     _images(inst, ["half", "none"])
@@ -77,7 +77,7 @@ dir = "{tmp_path / 'run'}"
 
 
 def test_toy_world_masks_cover_the_object_and_nothing_else(tmp_path):
-    from sdtune import toyworld as tw
+    from sdtune.toy import world as tw
 
     tw.write_masked_instance_folder("sks", tmp_path / "inst", tmp_path / "masks", n=3)
     found = scan_instance_dir(tmp_path / "inst", 64, prompt=None, mask_dir=str(tmp_path / "masks"))

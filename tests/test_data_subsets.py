@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from sdtune.config import ConfigError, loads_config
-from sdtune.data import read_instances
+from sdtune.data.dataset import read_instances
 
 ADAPTER = '\n[[adapters]]\npreset = "attn"\nrank = 2\n'
 
@@ -126,7 +126,7 @@ def test_kohya_keys_sdtune_lacks_are_refused_by_name(tmp_path, edit, message):
 
 
 def test_a_kohya_dataset_trains_two_concepts_with_reg_images(tmp_path):
-    from sdtune.train import train
+    from sdtune.train.loop import train
 
     _folder(tmp_path / "sks", 2, "sks star, magenta", size=(128, 64))
     _folder(tmp_path / "qtz", 2, None, size=(64, 128))

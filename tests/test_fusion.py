@@ -315,8 +315,8 @@ def test_zip_merge_beats_sum_on_held_out_noise_and_its_file_is_what_it_learned(t
     """Two random attention adapters that collide on every layer: the learned merger must make the fused *file*
     denoise each concept's prompt closer to that concept's adapter alone than the plain sum does, on noise and
     timesteps it was not fitted on; and learning must leave the model as it was."""
-    from sdtune.data import Encoder, denoise
     from sdtune.apply import apply_file
+    from sdtune.data.dataset import Encoder, denoise
     from sdtune.fusion.zip import ZipOptions, mean_cosine
 
     comps = tiny_model.components()

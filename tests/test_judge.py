@@ -1,8 +1,8 @@
 
 import pytest
 
-from sdtune import judge as J
-from sdtune import toyworld as tw
+from sdtune.toy import judge as J
+from sdtune.toy import world as tw
 
 
 def test_judge_accuracy_on_fresh_images(judge_model):
@@ -32,5 +32,5 @@ def test_judge_training_is_seeded_and_learns(tmp_path):
 
 
 def test_missing_judge_weights_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python -m sdtune.judge"):
+    with pytest.raises(FileNotFoundError, match="python -m sdtune.toy.judge"):
         J.load(tmp_path / "none.safetensors")

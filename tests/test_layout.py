@@ -40,3 +40,13 @@ def test_adapters_import_nothing_above_them():
         outside = {n for n in imported(path) if n.startswith("sdtune.") and not n.startswith("sdtune.adapters")
                    and not n.startswith("sdtune.atomic")}
         assert not outside, f"{path.name} imports {sorted(outside)}"
+
+
+def test_the_library_never_imports_the_toy_world():
+    """``sdtune.toy`` (scenes, judge, pretraining) is a measuring stick: tests and benches use it, the library not."""
+    for path in PACKAGE.rglob("*.py"):
+        if "toy" in path.relative_to(PACKAGE).parts:
+            continue
+        toy = {n for n in imported(path) if n == "sdtune.toy" or n.startswith("sdtune.toy.")}
+        assert not toy, f"{path.relative_to(PACKAGE)} imports {sorted(toy)}"
+

@@ -154,9 +154,9 @@ def test_config_keys_checked():
 
 def test_trainer_with_quantised_base(tmp_path):
     """`sdtune train` with train.base_quant = "int8": the adapted layers are quantised, it trains and exports."""
-    from sdtune import toyworld as tw
     from sdtune.config import loads_config
-    from sdtune.train import Trainer
+    from sdtune.toy import world as tw
+    from sdtune.train.loop import Trainer
 
     tw.write_instance_folder("sks", tmp_path / "inst", n=2)
     cfg = loads_config(f"""

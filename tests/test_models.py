@@ -111,6 +111,6 @@ def test_random_build_is_seeded():
 
 def test_pretraining_record_is_shipped():
     record = json.loads((EMBEDDED / "PRETRAINING.json").read_text())
-    assert record["command"].startswith("python -m sdtune.pretrain")
+    assert record["command"].startswith("python -m sdtune.toy.pretrain")
     # the shipped base knows the held-in styles' construction ("… in rrk style"): every stage names its command
     assert [c["command"].split(" --style-rate ")[-1] for c in record["continued"]] == ["0.3"]

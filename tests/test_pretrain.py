@@ -1,8 +1,8 @@
 from transformers import CLIPTokenizer
 
-from sdtune import pretrain as P
-from sdtune import toyworld as tw
 from sdtune.models import load
+from sdtune.toy import pretrain as P
+from sdtune.toy import world as tw
 
 
 def test_tokenizer_spells_every_word_as_one_token(tmp_path):
@@ -32,7 +32,7 @@ def test_continue_pretraining_trains_on_and_records_the_stage(tmp_path):
     after = load(folder).pipeline.unet.state_dict()
     assert any(not (before[k] == after[k]).all() for k in before)
     record = json.loads((folder / "PRETRAINING.json").read_text())
-    assert record["continued"][0]["command"].startswith(f"python -m sdtune.pretrain --continue-from {folder}")
+    assert record["continued"][0]["command"].startswith(f"python -m sdtune.toy.pretrain --continue-from {folder}")
     assert record["continued"][0]["command"].endswith("--style-rate 0.5") and record["continued"][0]["style_rate"] == 0.5
     assert not folder.with_name("m.partial").exists() and not folder.with_name("m.old").exists()
 

@@ -3,10 +3,10 @@ import json
 import numpy as np
 from PIL import Image
 
-from sdtune import judge as J
-from sdtune import toyworld as tw
 from sdtune.cli import main
 from sdtune.sample import SampleRequest, generate, grid
+from sdtune.toy import judge as J
+from sdtune.toy import world as tw
 
 
 def test_sample_cli_writes_grid_and_images_with_metadata(tmp_path):

@@ -11,13 +11,13 @@ from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 from helpers_adapters import write_adapter
 
 from sdtune import compose
-from sdtune import toyworld as tw
 from sdtune.adapters import AdapterSpec
 from sdtune.config import ConfigError, loads_config
 from sdtune.models import EMBEDDED
 from sdtune.sample import SampleRequest, generate
 from sdtune.schedules import NoiseSchedule, sampling_schedule, training_schedule, zero_terminal_snr
-from sdtune.train import Trainer
+from sdtune.toy import world as tw
+from sdtune.train.loop import Trainer
 
 BASE_CONFIG = json.loads((EMBEDDED / "scheduler" / "scheduler_config.json").read_text())
 
@@ -83,7 +83,7 @@ def test_loss_weights_are_the_same_on_the_epsilon_and_the_v_loss(zero_terminal):
 
 def test_zero_terminal_snr_needs_a_v_prediction_base():
     cfg = loads_config('[data]\ninstance_dir = "x"\n[[adapters]]\n[train]\nsteps = 1\nzero_terminal_snr = true\n')
-    with pytest.raises(ConfigError, match="needs a v-prediction base"):
+    with pytest.raises(ValueError, match="needs a v-prediction base"):
         training_schedule(BASE_CONFIG, cfg.train)
     assert training_schedule({**BASE_CONFIG, "prediction_type": "v_prediction"}, cfg.train).zero_terminal
     with pytest.raises(ConfigError, match="sample_guidance_rescale"):
@@ -133,7 +133,7 @@ def _random_v_model(folder):
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from sdtune import pretrain as P
+    from sdtune.toy import pretrain as P
 
     tokenizer = CLIPTokenizer.from_pretrained(EMBEDDED / "tokenizer")
     torch.manual_seed(0)
@@ -186,3 +186,12 @@ sample_guidance_rescale = 0.7
     with safe_open(str(result.kohya), "pt") as f:
         meta = f.metadata()
     assert meta["ss_v_parameterization"] == "True" and meta["ss_zero_terminal_snr"] == "True"
+
+
+def test_the_trainer_reports_zero_terminal_snr_on_an_epsilon_base_as_a_config_error(tmp_path):
+    from sdtune.resources import ASSETS
+
+    cfg = loads_config(f'[data]\ninstance_dir = "{ASSETS / "demo" / "sks"}"\n[[adapters]]\n[train]\nsteps = 1\n'
+                       f'zero_terminal_snr = true\n[output]\ndir = "{tmp_path}"\n')
+    with pytest.raises(ConfigError, match="zero_terminal_snr = true needs a v-prediction base"):
+        Trainer(cfg, progress=False).setup()  # the embedded tiny-sd predicts epsilon

@@ -3,7 +3,7 @@ import random
 import numpy as np
 import pytest
 
-from sdtune import toyworld as tw
+from sdtune.toy import world as tw
 
 
 def test_world_has_required_variety():
@@ -96,3 +96,14 @@ def test_random_scene_respects_fixed_attributes():
     rng = random.Random(0)
     s = tw.random_scene(rng, shape="cross", colour="cyan")
     assert (s.shape, s.colour) == ("cross", "cyan")
+
+
+def test_concept_prompts_use_the_captions_own_words():
+    assert tw.concept_prompt("sks") == "a sks star"
+    assert tw.concept_prompt("ohwx") == "an ohwx circle"  # as its captions say it
+    assert tw.concept_prompt("ohwx", style="qtz") == "an ohwx circle in qtz style"
+    assert tw.concept_prompt("qtz") == "a circle in qtz style"
+    scene = tw.concept_scenes("ohwx", 1)[0]
+    assert tw.caption(scene).lower().startswith(tw.concept_prompt("ohwx"))
+    with pytest.raises(ValueError, match="unknown concept"):
+        tw.concept_prompt("xyz")

@@ -18,12 +18,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from sdtune import toyworld as tw
-from sdtune import train_state as ckpt
 from sdtune.config import loads_config
-from sdtune.data import DataError, scan_instance_dir
+from sdtune.data.dataset import DataError, scan_instance_dir
 from sdtune.formats.reader import read_kohya
-from sdtune.train import DiskSpaceError, Trainer, TrainingDiverged, read_log, train
+from sdtune.toy import world as tw
+from sdtune.train import state as ckpt
+from sdtune.train.loop import DiskSpaceError, Trainer, TrainingDiverged, read_log, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -261,7 +261,7 @@ def test_data_guards(tmp_path):
 
 def test_class_image_cache_belongs_to_one_prompt_and_one_base_model(fresh_tiny_model, tmp_path):
     """Prior preservation replays the base model's own prior: a cache made by another model is refused."""
-    from sdtune.data import ensure_class_images
+    from sdtune.data.classes import ensure_class_images
 
     kw = dict(resolution=64, steps=2, guidance=5.0, progress=False)
     first = ensure_class_images(fresh_tiny_model, tmp_path, "a star", 1, **kw)
@@ -281,7 +281,7 @@ def test_class_prompt_alternatives_cycle_and_extend_the_cache(fresh_tiny_model, 
     same image comes out whether it is drawn alone or in a batch, and a larger count only adds images."""
     from PIL import Image, ImageChops
 
-    from sdtune.data import class_prompts, ensure_class_images
+    from sdtune.data.classes import class_prompts, ensure_class_images
     from sdtune.sample import SampleRequest, generate
 
     assert class_prompts(" a circle | a square|") == ["a circle", "a square"]
@@ -304,7 +304,7 @@ def test_class_prompt_alternatives_cycle_and_extend_the_cache(fresh_tiny_model, 
 def test_not_enough_disk_is_an_error_before_training(shared, tmp_path, monkeypatch):
     import shutil
 
-    from sdtune import train as train_module
+    from sdtune.train import loop as train_module
 
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(train_module.shutil, "disk_usage", lambda p: usage._replace(free=1000))

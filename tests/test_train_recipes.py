@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdtune import toyworld as tw
-from sdtune import train_state as ckpt
 from sdtune.config import loads_config
-from sdtune.train import Trainer, read_log, train
+from sdtune.toy import world as tw
+from sdtune.train import state as ckpt
+from sdtune.train.loop import Trainer, read_log, train
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_resume_auto_starts_fresh_then_resumes(inst, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------ EMA
 
 def test_ema_update_formula_and_warmup():
-    from sdtune.ema import EMA
+    from sdtune.train.ema import EMA
 
     p = torch.nn.Parameter(torch.zeros(3))
     ema = EMA([("w", p)], decay=0.9, warmup_steps=4)
@@ -114,7 +114,7 @@ B_OF = {"locon": {"lora.up"}, "flora": {"lora.a_out"}, "dora": {"lora.up"}, "spe
 def test_lora_plus_groups_give_the_b_factors_ratio_times_the_lr(fresh_tiny_model, tmp_path, algo):
     from sdtune.adapters import AdapterSpec
     from sdtune.inject import attach
-    from sdtune.optim import build, param_groups
+    from sdtune.train.optim import build, param_groups
 
     m = fresh_tiny_model
     spec = AdapterSpec(algo, rank=2)
@@ -283,6 +283,39 @@ def test_preview_rows_per_strength_and_wandb_logging(inst, tmp_path, monkeypatch
     assert logged[0] == ("init", "sdtune-test") and finished == [True]
     assert (1, ["grad_norm", "loss", "lr_unet"]) in logged
     assert (2, ["grad_norm", "loss", "lr_unet", "val_loss"]) in logged and (2, ["preview"]) in logged
+
+
+def test_preview_blocks_apply_block_weights_to_the_preview_grid(inst, tmp_path):
+    from PIL import Image
+
+    from sdtune.inject import plain_layers
+    from sdtune.sample import SampleRequest, generate
+
+    trainer = Trainer(config(inst, tmp_path / "run", "train.steps=2", "optim.lr_unet=1e-2",
+                             "output.validation_prompts=['a sks star']", "output.sample_steps=2",
+                             "output.sample_count=1", f"output.preview_blocks='{','.join(['0'] * 26)}'"),
+                      progress=False)  # SD1's 26-value vector at 0: every block (the tiny U-Net uses IN03, OUT02)
+    trainer.setup()
+    result = trainer.run()
+    req = SampleRequest(prompts=["a sks star"], steps=2, count=1, size=32)
+    with plain_layers(trainer.model.components()):
+        base = generate(trainer.model, req, progress=False)[0].image.tobytes()
+    assert Image.open(result.samples[-1]).tobytes() == base  # every block at 0: the base model exactly
+    trainer.preview_blocks = None
+    assert Image.open(trainer.preview(99)).tobytes() != base  # the same adapters without block weights
+
+
+def test_preview_blocks_errors_name_the_key(inst, tmp_path):
+    from sdtune.config import ConfigError, describe
+
+    assert "preview_blocks" in describe()
+    for spec, match in (("nowhere=0", "unknown block 'nowhere'"), ("1,2,3", "3 values"), ("", "0 values")):
+        with pytest.raises(ConfigError, match=rf"\[output\] preview_blocks = '{spec}': {match}"):
+            config(inst, tmp_path / "run", f"output.preview_blocks='{spec}'")
+    sdxl_vector = "1,0,0,1,1,1,1,1,1,0,0,0"  # SDXL's MIDD: loads, then does not fit the SD1 model
+    trainer = Trainer(config(inst, tmp_path / "run", f"output.preview_blocks='{sdxl_vector}'"), progress=False)
+    with pytest.raises(ConfigError, match=r"\[output\] preview_blocks = .*12 values; SD1 takes 17 or 26"):
+        trainer.setup()
 
 
 def test_wandb_missing_is_a_clear_error(inst, tmp_path, monkeypatch):

@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from sdtune import toyworld as tw
 from sdtune.config import ConfigError, loads_config
-from sdtune.train import Trainer
+from sdtune.toy import world as tw
+from sdtune.train.loop import Trainer
 
 RES = 64
 # (algorithm, text encoders trained): every component is trained by some case and left frozen by another

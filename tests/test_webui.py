@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from sdtune import toyworld as tw
-from sdtune.train import TrainResult
 from sdtune.resources import recipes
+from sdtune.toy import world as tw
+from sdtune.train.loop import TrainResult
+from sdtune.train.runlog import read_log
 from webui import training, workspace
 from webui.studio import Studio, parse_weights
 from webui.training import TrainForm, build_config, form_defaults
@@ -95,7 +96,7 @@ def test_paths_outside_the_workspace_are_refused(studio, tmp_path, images):
 def test_a_second_training_is_refused_while_one_runs_and_cancel_stops_it(studio, images, monkeypatch):
     started = threading.Event()
 
-    def fake_train(config, *, callback, cancel, **_):  # sdtune.train.train's hooks: callback and cancel
+    def fake_train(config, *, callback, cancel, **_):  # sdtune.train.loop.train's hooks: callback and cancel
         started.set()
         assert cancel.wait(30)
         return TrainResult(Path(config.output.dir), "cancelled", 1, config.train.steps)
@@ -139,6 +140,39 @@ def test_invalid_or_oversized_safetensors_are_refused(studio, tmp_path, monkeypa
     assert studio.ws.adapters() == []
 
 
+def test_the_loss_plot_draws_the_validation_loss_beside_the_training_loss(studio, tmp_path):
+    from sdtune.config import loads_config
+
+    inst = tmp_path / "inst"
+    tw.write_instance_folder("sks", inst, n=3)
+    text = f"""
+[data]
+instance_dir = "{inst}"
+resolution = 32
+[[adapters]]
+preset = "attn"
+rank = 2
+[train]
+steps = 3
+validation_images = 1
+validation_every = 2
+[output]
+dir = "{tmp_path / 'run'}"
+"""
+    studio.job.start(loads_config(text))
+    studio.job.wait(120)
+    state = studio.job.snapshot()
+    assert state.status == "finished", state.message
+    plot = training.loss_series(state)
+    rows = list(zip(plot["step"], plot["series"]))
+    assert rows == [(1, "training"), (2, "training"), (3, "training"), (2, "validation"), (3, "validation")]
+    assert plot["loss"][:3] == state.losses and all(v > 0 for v in plot["loss"][3:])
+    logged = [float(r["val_loss"]) for r in read_log(tmp_path / "run" / "log.csv") if r["val_loss"]]
+    assert plot["loss"][3:] == logged  # the same figures as log.csv and loss.png
+    untrained = training.loss_series(training.JobState(steps=[1], losses=[0.5]))
+    assert untrained == {"step": [1], "loss": [0.5], "series": ["training"]}
+
+
 def test_blend_and_sample_refuse_bad_requests(studio):
     with pytest.raises(Refused, match="at least two"):
         studio.blend(["a.safetensors"], "", "sum", "b", False)
@@ -169,11 +203,30 @@ def test_sample_composed_puts_each_adapter_on_its_phrase(studio, tiny_model, tmp
         write_adapter(tiny_model.components(), tmp_path / f"{name}.safetensors",
                       [("attn", AdapterSpec("locon", rank=2))], 70 + k, size=0.5)
     names = studio.library_import([str(tmp_path / "obj.safetensors"), str(tmp_path / "sty.safetensors")])
-    paths = studio.sample("a [sks] star [in qtz style]\na star", "", 0, 2, 5.0, 0, 2, names, "", True)
+    paths = studio.sample("a [sks] star [in qtz style]\na star", "", 0, 2, 5.0, 0, 2, names, "", True)["images"]
     assert len(paths) == 4 and all(Path(p).is_file() for p in paths)
     assert json.loads(Image.open(paths[0]).text["sdtune"])["composed"] is True
     with pytest.raises(Refused, match="among 1..2"):
         studio.sample("a [sks] star [3:in qtz style]", "", 0, 2, 5.0, 0, 1, names, "", True)
+
+
+def test_sample_shows_which_blocks_the_block_weights_changed(studio, tiny_model, tmp_path):
+    from helpers_adapters import write_adapter
+
+    from sdtune.adapters import AdapterSpec
+
+    write_adapter(tiny_model.components(), tmp_path / "obj.safetensors", [("attn", AdapterSpec("locon", rank=2))],
+                  71, size=0.5)
+    names = studio.library_import([str(tmp_path / "obj.safetensors")])
+    plain = studio.sample("a star", "", 0, 2, 5.0, 0, 1, names, "")
+    assert plain["blocks"] == "" and len(plain["images"]) == 1
+    mid = studio.sample("a star", "", 0, 2, 5.0, 0, 1, names, "", blocks="mid_block=0")
+    assert mid["blocks"].startswith("block weights on obj: M00 ×0 (") and "IN" not in mid["blocks"]
+    assert json.loads(Image.open(mid["images"][0]).text["sdtune"])["adapters"][0]["blocks"] == "mid_block=0"
+    preset = studio.sample("a star", "", 0, 2, 5.0, 0, 1, names, "", blocks="MIDD")["blocks"]
+    assert "IN01 ×0" in preset and "M00" not in preset  # MIDD keeps the deep blocks, zeroes the shallow ones
+    with pytest.raises(Refused, match="unknown block"):
+        studio.sample("a star", "", 0, 2, 5.0, 0, 1, names, "", blocks="nowhere=0")
 
 
 def test_config_from_recipe_and_form(studio):

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sdtune import toyworld as tw
 from sdtune.resources import recipes
+from sdtune.toy import world as tw
 
 try:
     import tomllib
@@ -200,9 +200,11 @@ def test_train_blend_sample_in_a_browser(browser, server, tmp_path):
     pick(page, "#sample-adapters", "blend.safetensors")
     page.locator("#sample-steps input[type=number]").fill("8")
     page.locator("#sample-count input[type=number]").fill("2")
+    set_text(page, "#sample-blocks", "mid_block=0")  # the blend without its mid-block layers
     page.locator("#sample-run").click()
     expect(page, "#sample-gallery img", count=4)
     assert page.locator("#sample-gallery img").count() == 4
+    assert value(page, "#sample-blocks-summary").startswith("block weights on blend: M00 ×0 (")
     shot(page, "sample")
 
     # what the browser showed is on disk
@@ -224,6 +226,7 @@ def test_train_blend_sample_in_a_browser(browser, server, tmp_path):
     meta = json.loads(Image.open(pngs[2]).text["sdtune"])
     assert meta["prompt"] == "a ohwx circle" and meta["seed"] == 0 and meta["steps"] == 8
     assert [{"file": Path(a["file"]).name, "weight": a["weight"]} for a in meta["adapters"]] == [{"file": "blend.safetensors", "weight": 1.0}]
+    assert meta["adapters"][0]["blocks"] == "mid_block=0"
     assert re.search(r"Seed: 0", Image.open(pngs[0]).text["parameters"])
     if SHOTS is not None:
         for tab in ("train", "blend", "sample", "library"):

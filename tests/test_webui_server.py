@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from sdtune import toyworld as tw
+from sdtune.toy import world as tw
 from webui.server import allowed_hosts, is_loopback
 from webui.training import form_defaults
 

@@ -16,15 +16,15 @@ from gradio.utils import get_upload_folder
 
 from sdtune.adapters.base import ALGORITHMS
 from sdtune.config import ConfigError
+from sdtune.data.intake import DEFAULT_MAX_PIXELS
 from sdtune.formats.reader import FormatError
 from sdtune.fusion import METHODS, FusionError
 from sdtune.inject import PRESETS
-from sdtune.intake import DEFAULT_MAX_PIXELS
 from sdtune.models import ModelLoadError
 from sdtune.resources import recipes
 
 from .studio import Studio
-from .training import OFF, TrainForm, form_defaults
+from .training import OFF, JobState, TrainForm, form_defaults, loss_series
 from .workspace import MAX_ADAPTER_BYTES, MiB, Refused, Workspace
 
 USER_ERRORS = (Refused, ConfigError, FormatError, FusionError, ModelLoadError, FileNotFoundError, ValueError)
@@ -138,8 +138,8 @@ def build_app(workspace: Path, model_source=None, max_pixels: int = DEFAULT_MAX_
                     cancel = gr.Button("Cancel", variant="stop", elem_id="train-cancel")
                 progress = gr.HTML(_progress_html(studio.job.snapshot()))
                 with gr.Row():
-                    loss_plot = gr.LinePlot(pd.DataFrame({"step": [], "loss": []}), x="step", y="loss",
-                                            title="training loss", elem_id="loss-plot", height=260)
+                    loss_plot = gr.LinePlot(pd.DataFrame(loss_series(JobState())), x="step", y="loss", color="series",
+                                            title="loss", elem_id="loss-plot", height=260)
                     preview = gr.Image(label="Preview grid", type="filepath", interactive=False,
                                        elem_id="train-preview", height=260)
                 timer = gr.Timer(1.0)
@@ -193,6 +193,8 @@ def build_app(workspace: Path, model_source=None, max_pixels: int = DEFAULT_MAX_
                 sample_btn = gr.Button("Generate", variant="primary", elem_id="sample-run")
                 gallery = gr.Gallery(label="Samples (PNG metadata: prompt, seed, adapters)", columns=4,
                                      elem_id="sample-gallery", height=320)
+                sample_moved = gr.Textbox(label="Blocks the block weights changed (blank = no block weights)",
+                                          interactive=False, lines=1, max_lines=8, elem_id="sample-blocks-summary")
             # ---------------------------------------------------------------------------------------- Library
             with gr.Tab("Library", id="library") as library_tab:
                 table = gr.Dataframe(studio.library_rows(), headers=LIBRARY_HEADERS, interactive=False,
@@ -234,7 +236,7 @@ def build_app(workspace: Path, model_source=None, max_pixels: int = DEFAULT_MAX_
             key = (state.run + state.status, state.step)
             if key == tuple(last):
                 return gr.skip(), gr.skip(), gr.skip(), last, *[gr.skip()] * len(lists)
-            plot = pd.DataFrame({"step": state.steps, "loss": state.losses})
+            plot = pd.DataFrame(loss_series(state))
             lib = refresh() if state.status == "finished" else [gr.skip()] * len(lists)
             return _progress_html(state), plot, state.preview, key, *lib
 
@@ -248,8 +250,13 @@ def build_app(workspace: Path, model_source=None, max_pixels: int = DEFAULT_MAX_
         blend_btn.click(on_blend, [blend_pick, blend_weights, method, blend_name, merged, blend_prompts,
                                    blend_blocks], [totals, blend_files, report, *lists])
 
-        sample_btn.click(guarded(studio.sample), [prompt, negative, sample_seed, sample_steps, guidance, size, count,
-                                                 sample_pick, sample_weights, composed, sample_blocks], gallery)
+        @guarded
+        def on_sample(*values):
+            out = studio.sample(*values)
+            return out["images"], out["blocks"]
+
+        sample_btn.click(on_sample, [prompt, negative, sample_seed, sample_steps, guidance, size, count, sample_pick,
+                                     sample_weights, composed, sample_blocks], [gallery, sample_moved])
 
         chosen.change(guarded(studio.library_details), chosen, details)
 

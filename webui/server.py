@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from sdtune.intake import DEFAULT_MAX_PIXELS
+from sdtune.data.intake import DEFAULT_MAX_PIXELS
 
 from .workspace import MAX_ADAPTER_BYTES, Workspace
 

@@ -2,7 +2,7 @@
 
 They take and return plain values, so tests call them without a browser; a refusal raises ``Refused``.
 The base model is loaded once and shared by Sample, Blend and Library; a lock serialises the requests that
-add adapter weights into it (``sample.generate`` applies them) or read it. Training loads its own copy (``sdtune.train``).
+add adapter weights into it (``sample.generate`` applies them) or read it. Training loads its own copy (``sdtune.train.loop``).
 """
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ import threading
 from pathlib import Path
 
 from sdtune import compose, fusion
-from sdtune.console import quiet_third_party
 from sdtune.apply import load
+from sdtune.console import quiet_third_party
+from sdtune.data.intake import DEFAULT_MAX_PIXELS
 from sdtune.formats.checkpoint import save_merged_checkpoint
 from sdtune.inspect import format_inspection, inspect_file
-from sdtune.intake import DEFAULT_MAX_PIXELS
 from sdtune.sample import SampleRequest, save_samples
-from sdtune.tools.blocks import load_weighted, parse, touched
+from sdtune.blocks import load_weighted, parse, touched
 
 from .training import TrainForm, TrainingJob, build_config, form_defaults
 from .workspace import Refused, Workspace, stamp
@@ -98,7 +98,7 @@ class Studio:
         """Fuse library adapters into a new library file (and optionally a merged checkpoint); returns the
         interference report and the files written. ``prompts``: one line per adapter (';' between several of
         one adapter), required by zip; with them interference is measured on those prompts' activations.
-        ``blocks``: block weights for every adapter (``sdtune.tools.blocks``), baked into the blend."""
+        ``blocks``: block weights for every adapter (``sdtune.blocks``), baked into the blend."""
         if not names or len(names) < 2:
             raise Refused("choose at least two adapters to blend")
         if method not in fusion.METHODS:
@@ -140,16 +140,17 @@ class Studio:
                     f"{b} ×{w:g} ({n} layers)" for b, (w, n) in moved.items()) or "no layer changed"))
         except ValueError as e:
             raise Refused(str(e)) from None
-        return "\n".join(lines) + "\n"
+        return "".join(line + "\n" for line in lines)
 
     # --------------------------------------------------------------------------------------------- sample
     def sample(self, prompt: str, negative: str, seed: int, steps: int, guidance: float, size: int | None,
                count: int, names: list[str] | None, weights: str, composed: bool = False, blocks: str = ""
-               ) -> list[str]:
+               ) -> dict:
         """Generate with any number of library adapters applied at their weights (``composed``: prompts with
         bracketed phrases get each adapter on its own phrase, ``sdtune.compose``; ``blocks``: block weights for
-        every adapter, ``sdtune.tools.blocks``); the PNGs (with metadata: prompt, seed, adapters) are written to
-        samples/<stamp>/. Returns their paths."""
+        every adapter, ``sdtune.blocks``); the PNGs (with metadata: prompt, seed, adapters) are written to
+        samples/<stamp>/. Returns {"images": their paths, "blocks": which blocks the block weights changed in each
+        adapter (``block_summary``, as the Blend tab shows it; empty without a spec)}."""
         prompts = [p.strip() for p in (prompt or "").splitlines() if p.strip()]
         if not prompts:
             raise Refused("write a prompt (one per line for several)")
@@ -173,10 +174,10 @@ class Studio:
             raise Refused(str(e)) from None
         with self._lock:
             model = self.model()
-            self.block_summary(model, paths, blocks)  # a bad spec is Refused before sampling
+            moved = self.block_summary(model, paths, blocks)  # a bad spec is Refused before sampling
             samples = compose.run(model, request, composed=composed, progress=False)
         written = save_samples(samples, request, self.ws.samples / stamp(), model.source, composed=composed)
-        return written["images"]
+        return {"images": written["images"], "blocks": moved}
 
     # -------------------------------------------------------------------------------------------- library
     def library_rows(self) -> list[list]:

@@ -2,7 +2,7 @@
 
 The form is filled from the chosen recipe (``form_defaults``); what the user submits becomes ``--set`` overrides on
 that recipe (``form_overrides``), loaded by ``sdtune.config.load_config`` exactly as ``sdtune train RECIPE --set …``
-would. The run itself is ``sdtune.train.train`` with its ``callback`` (a TrainEvent after every step) and ``cancel``
+would. The run itself is ``sdtune.train.loop.train`` with its ``callback`` (a TrainEvent after every step) and ``cancel``
 (a threading.Event) hooks; the UI polls ``TrainingJob.snapshot()``.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 from sdtune.config import ConfigError, TrainConfig, load_config
 from sdtune.inject import PRESETS
 from sdtune.resources import recipes
-from sdtune.train import TrainEvent, train
+from sdtune.train.loop import TrainEvent, train
 
 from .workspace import Refused, Workspace, safe_name
 
@@ -178,9 +178,20 @@ class JobState:
     total: int = 0
     steps: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    val_steps: list[int] = field(default_factory=list)  # where the validation loss was measured (train.validation_*)
+    val_losses: list[float] = field(default_factory=list)
     preview: str | None = None
     message: str = ""
     adapter: str | None = None  # the library file name of the result
+
+
+def loss_series(state: JobState) -> dict[str, list]:
+    """The Train tab's loss plot: the training loss at every step, then the validation loss at the steps it was
+    measured, as one long table whose ``series`` column ``gr.LinePlot(color="series")`` draws as two lines (as
+    loss.png shows both). Without validation the table has the training series only."""
+    n, m = len(state.steps), len(state.val_steps)
+    return {"step": state.steps + state.val_steps, "loss": state.losses + state.val_losses,
+            "series": ["training"] * n + ["validation"] * m}
 
 
 class TrainingJob:
@@ -223,7 +234,9 @@ class TrainingJob:
 
     def snapshot(self) -> JobState:
         with self._lock:
-            return replace(self._state, steps=list(self._state.steps), losses=list(self._state.losses))
+            s = self._state
+            return replace(s, steps=list(s.steps), losses=list(s.losses), val_steps=list(s.val_steps),
+                           val_losses=list(s.val_losses))
 
     def wait(self, timeout: float | None = None) -> None:
         if self._thread is not None:
@@ -240,6 +253,9 @@ class TrainingJob:
             s.status, s.step, s.total = "running", event.step, event.total_steps
             s.steps.append(event.step)
             s.losses.append(event.loss)
+            if event.val_loss is not None:
+                s.val_steps.append(event.step)
+                s.val_losses.append(event.val_loss)
             s.preview = event.preview or s.preview
             if not self._cancel.is_set():
                 s.message = f"step {event.step}/{event.total_steps}, loss {event.loss:.4f}"

@@ -3,7 +3,7 @@
 Layout (created on first use):
     library/     adapter files (*.safetensors): trained results, blends, imports
     uploads/     instance images uploaded for training, one folder per upload
-    runs/        training run folders (``sdtune.train`` output)
+    runs/        training run folders (``sdtune.train.loop`` output)
     samples/     generated images, one folder per request
     merged/      merged checkpoints
     class_images/ prior-preservation caches
@@ -21,10 +21,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from sdtune.data import IMAGE_EXTS
+from sdtune.data.dataset import IMAGE_EXTS
+from sdtune.data.intake import DEFAULT_MAX_PIXELS, UnusableImage, header_size
 from sdtune.formats.reader import FormatError, check_safetensors
 from sdtune.inspect import inspect_file
-from sdtune.intake import DEFAULT_MAX_PIXELS, UnusableImage, header_size
 
 MiB = 2**20
 MAX_IMAGE_BYTES = 20 * MiB

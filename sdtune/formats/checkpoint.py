@@ -244,7 +244,7 @@ def _layers(source, model) -> list[LayerDelta]:
         if source.arch != model.arch:
             raise ValueError(f"the injection is for {source.arch}, the model is {model.arch}")
         return list(injection_layers(source).values())
-    if isinstance(source, LoadedFile):  # already loaded (e.g. block-weighted, ``tools.blocks.weigh``)
+    if isinstance(source, LoadedFile):  # already loaded (e.g. block-weighted, ``blocks.weigh``)
         return list(source.layers.values())
     return list(load(source, model.components(), model.arch).layers.values())
 

@@ -77,7 +77,7 @@ def learn_merger(model, layers: Mapping[str, tuple[nn.Module, list[tuple[int, Fa
     in ``up``; prompts[i]: concept i's prompts. Returns ({name: {i: m (d,)}}, the loss per step). The model is
     left as it was (hooks removed, requires_grad restored).
     """
-    from ..data import Encoder, denoise
+    from ..data.dataset import Encoder, denoise
 
     options = options or ZipOptions()
     hooks = {name: LowRankHook(layer, parts) for name, (layer, parts) in layers.items()}

@@ -2,7 +2,7 @@
 
 Heads: shape (8), colour (8), background (4), held-apart object (none + 4) and style (none + 2). It turns
 samples into numbers: concept fidelity (object/style head), prior preservation (shape/colour heads on class
-prompts), fusion crosstalk. Trained by ``python -m sdtune.judge`` (seeded; weights in ``assets/judge``).
+prompts), fusion crosstalk. Trained by ``python -m sdtune.toy.judge`` (seeded; weights in ``assets/judge``).
 Labels that an image does not define are ignored in training: an object has its own fixed colours, and the
 sketch style has no background.
 """
@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from torch import nn
 
-from . import toyworld as tw
-from .atomic import atomic_path
-from .resources import ASSETS
+from . import world as tw
+from ..atomic import atomic_path
+from ..resources import ASSETS
 
 IGNORE = -100
 HEADS: dict[str, tuple[str | None, ...]] = {
@@ -129,7 +129,7 @@ def load(path: str | Path = DEFAULT_PATH) -> Judge:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"judge weights not found at {path}; train them with `python -m sdtune.judge`")
+        raise FileNotFoundError(f"judge weights not found at {path}; train them with `python -m sdtune.toy.judge`")
     model = Judge()
     model.load_state_dict(load_file(str(path)))
     return model.eval()

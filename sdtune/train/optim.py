@@ -32,18 +32,33 @@ Optimisers (``optim.optimizer``) and what the learning rate means for each:
 from __future__ import annotations
 
 import importlib
+import math
 from contextlib import contextmanager
 
 import torch
 
-from .config import ConfigError
+from ..config import ConfigError
 
-OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "schedulefree_adamw", "lion", "adafactor")
 # optimiser -> (module, class, pip package) of the optional extras
 _EXTRAS = {"prodigy": ("prodigyopt", "Prodigy", "prodigyopt"),
            "schedulefree_adamw": ("schedulefree", "AdamWScheduleFree", "schedulefree"),
            "lion": ("lion_pytorch", "Lion", "lion-pytorch")}
 B_FACTORS = ("lora.up", "lora.a_out", "lora.a_u", "lora.q_u")  # parameter names, see the module docstring
+
+
+def lr_factor(kind: str, warmup: int, total: int):
+    """The learning-rate multiplier per optimizer step (LambdaLR): linear warm-up over ``warmup`` steps, then
+    ``kind`` = cosine (to 0 at ``total``), linear (to 0) or constant."""
+    def factor(step: int) -> float:  # step = optimizer steps done
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if kind == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+    return factor
 
 
 def trainable(injection) -> list[tuple[str, torch.nn.Parameter]]:
@@ -79,7 +94,7 @@ def param_groups(injection, lr_unet: float, lr_text: float, lora_plus_ratio: flo
 
 def rule_multipliers(injection, components, rules: list[tuple[str, float]]) -> dict[str, float]:
     """Adapter name -> the lr multiplier of the last rule (scoped preset, multiplier) that covers its layer."""
-    from .inject import preset_targets
+    from ..inject import preset_targets
 
     by_place: dict[tuple[str, str], float] = {}
     for preset, mult in rules:

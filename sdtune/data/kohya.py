@@ -12,7 +12,7 @@ folder.
 """
 from __future__ import annotations
 
-import os
+from collections.abc import Callable
 from pathlib import Path
 
 try:
@@ -80,8 +80,9 @@ def _resolution(value, path: Path) -> int:
     return value
 
 
-def to_data_table(path: str | Path) -> dict:
-    """The [data] table (with ``subsets``) that a kohya dataset_config file means."""
+def to_data_table(path: str | Path, resolve_paths: Callable[[dict, Path], None]) -> dict:
+    """The [data] table (with ``subsets``) that a kohya dataset_config file means. ``resolve_paths(subset, folder)``
+    makes a subset's relative folders relative to the file's folder (the schema's rule, ``config.resolve_input_paths``)."""
     path = Path(path)
     if not path.is_file():
         raise KohyaDatasetError(f"kohya dataset_config not found: {path}")
@@ -118,19 +119,16 @@ def to_data_table(path: str | Path) -> dict:
                     data[name] = value
             if "dir" not in one:
                 raise KohyaDatasetError(f"{path}: [[datasets.subsets]] {i}.{j} has no image_dir")
-            if not Path(one["dir"]).expanduser().is_absolute():
-                one["dir"] = os.path.normpath(path.resolve().parent / one["dir"])
-            if one.get("mask_dir") and not Path(one["mask_dir"]).expanduser().is_absolute():
-                one["mask_dir"] = os.path.normpath(path.resolve().parent / one["mask_dir"])
+            resolve_paths(one, path.resolve().parent)
             subsets.append(one)
     data["subsets"] = subsets
     return data
 
 
-def merge(data: dict) -> dict:
+def merge(data: dict, resolve_paths: Callable[[dict, Path], None]) -> dict:
     """A [data] table whose ``dataset_config`` names a kohya file: the file's mapping, overridden by the keys
     written in [data] itself (and its subsets appended after the file's)."""
-    mapped = to_data_table(data["dataset_config"])
+    mapped = to_data_table(data["dataset_config"], resolve_paths)
     # the file is replaced by what it means, so that the run's recorded config.toml stands alone
     out = {**mapped, **{k: v for k, v in data.items() if k not in ("subsets", "dataset_config")}}
     out["subsets"] = mapped["subsets"] + list(data.get("subsets", []))

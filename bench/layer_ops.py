@@ -1,18 +1,13 @@
-"""Which aten ops an adapted layer runs under autocast, with their dtypes, and which of them copy full-size tensors.
+"""One adapted layer under autocast, for ``bench_adapters.py --layer``: which aten ops it runs, with their dtypes,
+and which of them copy full-size tensors; or its forward + backward time in fp32 and bf16.
 
 One SD1.5-sized layer (conv 320→320 3×3 on 2×320×32×32, or linear 320→320 on 2×1024×320), one forward + backward
 (gradient of ones) through the adapter, every aten op recorded by a ``TorchDispatchMode`` (forward and autograd
 backward). Only ops that read or write a *full-size* tensor (≥ the layer's input or output numel) are listed, with
 the dtype (and shape) of each tensor argument and of the result; casts (``_to_copy``/``copy_``/``clone``) are COPY.
-
-    python bench/probe_autocast.py                                  # sdtune LoCon/DoRA/FLoRA and PEFT, conv, bf16
-    python bench/probe_autocast.py --layer linear --adapters sdtune-dora,peft-dora --dtype fp32
-    python bench/probe_autocast.py --channels-last                  # base input in channels_last
-    python bench/probe_autocast.py --time 20                        # median times, fp32 vs bf16, over the floor
 """
 from __future__ import annotations
 
-import argparse
 from collections import Counter
 
 import torch
@@ -116,39 +111,25 @@ def timing(names: list[str], layer: str, channels_last: bool, repeats: int) -> d
     return {k: statistics.median(v[1:]) for k, v in times.items()}
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--adapters", default="floor,sdtune-locon,sdtune-dora,sdtune-flora,peft-lora,peft-dora")
-    ap.add_argument("--layer", choices=("conv", "linear"), default="conv")
-    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
-    ap.add_argument("--channels-last", action="store_true")
-    ap.add_argument("--list", action="store_true", help="print every full-size op, not only the summary")
-    ap.add_argument("--time", type=int, metavar="N", help="instead: median ms of N forward+backward per adapter, "
-                    "fp32 and bf16, and the adapter path's cost over the frozen layer (floor)")
-    args = ap.parse_args(argv)
-    if args.time:
-        names = args.adapters.split(",")
-        med = timing(names, args.layer, args.channels_last, args.time)
-        print(f"{args.layer}{', channels_last' if args.channels_last else ''}: median of {args.time} forward+backward"
-              f" (ms); over floor = the adapter path\n")
+def report(adapters: list[str], layer: str, dtype: str, channels_last: bool, listing: bool, repeats: int) -> None:
+    """Print the op summary per adapter (``repeats`` 0), or the median-time table over ``repeats`` rounds."""
+    where = f"{layer}{', channels_last' if channels_last else ''}"
+    if repeats:
+        med = timing(adapters, layer, channels_last, repeats)
+        print(f"{where}: median of {repeats} forward+backward (ms); over floor = the adapter path\n")
         print("| adapter | fp32 ms | bf16 ms | fp32 over floor | bf16 over floor |\n|---|---|---|---|---|")
-        for n in names:
-            over = [(med[n, d] - med["floor", d]) * 1e3 if "floor" in names else float("nan")
+        for n in adapters:
+            over = [(med[n, d] - med["floor", d]) * 1e3 if "floor" in adapters else float("nan")
                     for d in ("fp32", "bf16")]
             print(f"| {n} | {med[n, 'fp32'] * 1e3:.1f} | {med[n, 'bf16'] * 1e3:.1f} | {over[0]:+.1f} | {over[1]:+.1f} |")
         return
-    print(f"{args.layer}, {args.dtype} autocast{', channels_last' if args.channels_last else ''}; "
-          "ops touching a full-size tensor (shape shown), forward + backward")
-    for name in args.adapters.split(","):
-        ops = probe(name, args.layer, args.dtype, args.channels_last)
+    print(f"{where}, {dtype} autocast; ops touching a full-size tensor (shape shown), forward + backward")
+    for name in adapters:
+        ops = probe(name, layer, dtype, channels_last)
         copies = sum(op in COPIES for op, _, _ in ops)
         f32 = sum(out.startswith("f32[") for op, _, out in ops if op not in COPIES)
         kinds = Counter(f"{op}({','.join(i)})->{o}" + (" COPY" if op in COPIES else "") for op, i, o in ops)
         print(f"\n{name}: {len(ops)} full-size ops, {copies} full-size copies, {f32} full-size fp32 results")
-        if args.list:
+        if listing:
             for k, n in kinds.items():
                 print(f"  {n}× {k}")
-
-
-if __name__ == "__main__":
-    main()

@@ -31,26 +31,25 @@ import torch
 import torch.nn.functional as F
 
 from . import optim, validation
-from . import train_state as ckpt
-from .atomic import write_text as atomic_text
-from .config import ConfigError, TrainConfig
-from .data import (
+from . import state as ckpt
+from ..atomic import write_text as atomic_text
+from ..config import ConfigError, TrainConfig
+from ..data.dataset import (
     DreamBoothDataset,
     Encoder,
-    class_dir_default,
-    denoise,
     bucket_shapes,
-    ensure_class_images,
+    denoise,
     masked_mean,
     read_instances,
     warn_long_captions,
 )
-from .buckets import model_multiple
-from .intake import parse_colour
-from .latent_cache import LatentCache, vae_fingerprint
+from ..data.classes import class_dir_default, class_image_shapes, ensure_class_images
+from ..data.intake import parse_colour
+from ..data.latent_cache import LatentCache, vae_fingerprint
+from ..models import model_multiple
 from .ema import EMA
 from .runlog import RunLog, plot_loss, read_log  # noqa: F401  (read_log: part of the API)
-from .schedules import training_schedule
+from ..schedules import training_schedule
 
 
 class TrainingDiverged(RuntimeError):
@@ -96,25 +95,12 @@ class TrainResult:
 def train(config: TrainConfig, resume: str | Path | None = None, progress: bool = True, *, callback=None,
           cancel=None) -> TrainResult:
     """Train adapters as ``config`` says. ``resume``: "auto", "latest" or a checkpoint folder (see
-    ``train_state.resolve``); ``result.resumed_from`` says which checkpoint it continued from. ``callback(TrainEvent)``
+    ``state.resolve``); ``result.resumed_from`` says which checkpoint it continued from. ``callback(TrainEvent)``
     after every step; ``cancel`` (anything with ``is_set()``, e.g. threading.Event) stops after the current step
     with a checkpoint."""
     trainer = Trainer(config, progress=progress, callback=callback, cancel=cancel)
     trainer.setup()
     return trainer.run(resume)
-
-
-def _lr_lambda(kind: str, warmup: int, total: int):
-    def factor(step: int) -> float:  # step = optimizer steps done
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress_ = (step - warmup) / max(1, total - warmup)
-        if kind == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
-        if kind == "linear":
-            return max(0.0, 1 - progress_)
-        return 1.0
-    return factor
 
 
 class Trainer:
@@ -137,13 +123,14 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
-        from .inject import attach
-        from .lowprec import lower_base
-        from .models import load
+        from ..inject import attach
+        from ..lowprec import lower_base
+        from ..models import load
 
         cfg, acc = self.cfg, self.acc
         self.model = load(cfg.model.path, device=self.device, allow_pickle=cfg.model.allow_pickle,
                           config=cfg.model.single_file_config)
+        self.preview_blocks = cfg.output.preview_blocks_for(self.model.arch)  # a misfit fails before training
         pipe = self.model.pipeline
         latent = pipe.vae.config.latent_channels
         if pipe.unet.config.in_channels != latent or pipe.unet.config.out_channels != latent:
@@ -162,11 +149,14 @@ class Trainer:
         for prompt in plan.class_prompts if cfg.prior.enabled else []:
             class_dir = Path(cfg.prior.class_dir if cfg.prior.class_dir and len(plan.class_prompts) == 1
                              else class_dir_default(cfg.prior.class_dir or self.run_dir, prompt))
+            shapes = class_image_shapes(plan.instances, plan.repeats, cfg.prior.num_class_images, self.resolution,
+                                        buckets, cfg.data.bucket_upscale)
             with acc.main_process_first():  # the main process generates, the others then read the cache
-                classes += ensure_class_images(self.model, class_dir, prompt, cfg.prior.num_class_images,
-                                               resolution=self.resolution, steps=cfg.prior.sample_steps,
-                                               guidance=cfg.prior.guidance, seed=cfg.train.seed,
-                                               progress=self.progress and acc.is_main_process)
+                for shape, n in shapes.items():
+                    classes += ensure_class_images(self.model, class_dir, prompt, n, resolution=self.resolution,
+                                                   steps=cfg.prior.sample_steps, guidance=cfg.prior.guidance,
+                                                   seed=cfg.train.seed, shape=shape,
+                                                   progress=self.progress and acc.is_main_process)
         self.dataset = DreamBoothDataset(plan.instances, classes, resolution=self.resolution, repeats=plan.repeats,
                                          crop=cfg.data.crop, flip=cfg.data.flip, seed=cfg.train.seed, buckets=buckets,
                                          upscale=cfg.data.bucket_upscale, max_pixels=cfg.data.max_pixels,
@@ -202,8 +192,11 @@ class Trainer:
         self.total_steps = cfg.train.steps or math.ceil(
             cfg.train.epochs * self.dataset.num_batches(per_step // cfg.train.grad_accum) / cfg.train.grad_accum)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer.optimizer, _lr_lambda(cfg.schedule.scheduler, cfg.schedule.warmup_steps, self.total_steps))
-        self.schedule = training_schedule(pipe.scheduler.config, cfg.train)
+            self.optimizer.optimizer, optim.lr_factor(cfg.schedule.scheduler, cfg.schedule.warmup_steps, self.total_steps))
+        try:
+            self.schedule = training_schedule(pipe.scheduler.config, cfg.train)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.prediction = self.schedule.prediction
         self.noise_gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + acc.process_index)
         self.encoder = Encoder(self.model, cache_latents=cfg.data.cache_latents and cfg.data.crop == "center",
@@ -464,9 +457,9 @@ class Trainer:
     @torch.no_grad()
     def preview(self, step: int) -> Path:
         """A grid of the validation prompts from the live model with its adapters: one row per prompt and
-        strength (``output.sample_strengths``)."""
+        strength (``output.sample_strengths``), with ``output.preview_blocks`` applied."""
         from .preview import samples_at_strengths
-        from .sample import SampleRequest, grid
+        from ..sample import SampleRequest, grid
 
         o = self.cfg.output
         self._train_mode(False)
@@ -476,7 +469,8 @@ class Trainer:
                                 guidance_rescale=o.sample_guidance_rescale,
                                 zero_terminal_snr=self.schedule.zero_terminal)
             with self._output_weights():
-                samples = samples_at_strengths(self.model, self.injection, req, o.sample_strengths)
+                samples = samples_at_strengths(self.model, self.injection, req, o.sample_strengths,
+                                               self.preview_blocks)
         finally:
             self._train_mode(True)
         path = self.run_dir / "samples" / f"step-{step:06d}.png"
@@ -486,7 +480,7 @@ class Trainer:
 
     def export(self) -> tuple[Path, Path]:
         """The final adapter: native ``adapter.sdtune`` and the A1111 ``adapter.safetensors``."""
-        from .formats.kohya import DTYPES, save_kohya
+        from ..formats.kohya import DTYPES, save_kohya
 
         o = self.cfg.output
         native, kohya = self.run_dir / "adapter.sdtune", self.run_dir / "adapter.safetensors"
@@ -498,5 +492,6 @@ class Trainer:
                                  "ss_learning_rate": str(self.cfg.optim.lr_unet),
                                  "ss_num_train_images": str(len(self.dataset)),
                                  "ss_v_parameterization": str(self.schedule.prediction == "v_prediction"),
-                                 "ss_zero_terminal_snr": str(self.schedule.zero_terminal)})
+                                 "ss_zero_terminal_snr": str(self.schedule.zero_terminal),
+                                 **self.dataset.bucket_metadata(self.cfg.data.buckets)})
         return native, kohya

@@ -1,15 +1,15 @@
-"""DreamBooth data: the pipeline scan → intake → bucket → cache → batch, class images, and the text encoder.
+"""DreamBooth data: the pipeline scan → intake → bucket → cache → batch, and the text encoder.
 
 ``scan_instance_dir`` (``scan``) finds and checks the images, captions and masks (every unusable file named in one
-error). ``ensure_class_images`` fills the class-image cache with the base model on first use.
-``DreamBoothDataset`` places every image in its aspect-ratio bucket (``buckets``), draws batches within one
-bucket, and turns a view (image, flip, crop) into pixels (``intake.decode``: EXIF, modes, alpha) and a mask. Its
-random choices come from generators seeded by (seed, epoch, index), so a resumed run draws the same views.
+error); class images come from ``classes``. ``DreamBoothDataset`` places every image in its aspect-ratio bucket
+(``buckets``), draws batches within one bucket, and turns a view (image, flip, crop) into pixels (``intake.decode``:
+EXIF, modes, alpha) and a mask. Its random choices come from generators seeded by (seed, epoch, index), so a
+resumed run draws the same views.
 ``Encoder`` caches VAE latents (deterministic crops; in memory or on disk, ``latent_cache``) and text embeddings.
 """
 from __future__ import annotations
 
-import hashlib
+import json
 import math
 import os
 import warnings
@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .atomic import atomic_path, write_text
 from .buckets import Placement, TooSmall, make_buckets, place
 from .captions import CaptionPolicy, overlong
 from .intake import DEFAULT_MAX_PIXELS, decode, probe
@@ -89,11 +88,7 @@ def read_instances(dc, resolution: int, buckets: list[tuple[int, int]] | None, *
     """Scan every folder of a [data] section (instance_dir, then each [[data.subsets]]); one DataError names every
     unusable file of all of them. ``class_prompt``: that of the subsets that name none (prior.class_prompt)."""
     check = size_check(resolution, buckets, dc.bucket_upscale)
-    subsets = list(dc.subsets)
-    if dc.instance_dir:  # the [data] folder is a subset with [data]'s own settings
-        from .config import SubsetConfig
-
-        subsets.insert(0, SubsetConfig(dir=dc.instance_dir, repeats=dc.repeats, prompt=dc.instance_prompt))
+    subsets = dc.folders()  # the [data] folder is a subset with [data]'s own settings
     scans = []
     for sub in subsets:
         def get(name, default_name=None):
@@ -130,68 +125,9 @@ def warn_long_captions(tokenizer, examples: list[Example]) -> None:
                       f"tokens and are cut there: {listing}", stacklevel=2)
 
 
-def class_prompts(prompt: str) -> list[str]:
-    """The alternatives of a class prompt: ``"a circle | a square"`` -> ["a circle", "a square"]. Several
-    alternatives suit styles, whose prior is every subject the style is applied to, not one class."""
-    alternatives = [p.strip() for p in prompt.split("|") if p.strip()]
-    if not alternatives:
-        raise DataError(f"class prompt {prompt!r} is empty")
-    return alternatives
-
-
-def ensure_class_images(model, folder: str | Path, prompt: str, n: int, *, resolution: int, steps: int,
-                        guidance: float, seed: int = 0, progress: bool = True) -> list[Example]:
-    """``n`` class images of ``prompt`` in ``folder``, generating the missing ones with the base model.
-
-    ``prompt`` may hold k alternatives separated by ``|`` (``class_prompts``): image i shows alternative i mod k
-    with seed ``seed + i // k`` (k = 1: seed + i), so a larger ``n`` later extends the cache without redrawing it.
-    The prompt and the base model's fingerprint are recorded in ``prompt.txt`` and ``model.txt``: prior
-    preservation must replay *this* model's prior, so a cache made for another prompt or by another base model
-    is an error, not silently reused. Each image is written to a temp name and renamed, so a killed run never
-    leaves a half-written image.
-    """
-    from .sample import SampleRequest, generate
-
-    folder = Path(folder)
-    alternatives = class_prompts(prompt)
-    k = len(alternatives)
-    folder.mkdir(parents=True, exist_ok=True)
-    # the normalised prompt: "a circle|a square" and "a circle | a square" are one cache
-    stamps = {"prompt.txt": ("prompt", " | ".join(alternatives)), "model.txt": ("base model", model.fingerprint())}
-    has_images = any(folder.glob("class_*.png"))
-    for name, (what, value) in stamps.items():
-        found = (folder / name).read_text().strip() if (folder / name).exists() else "unrecorded"
-        if has_images and found != value:
-            raise DataError(f"class-image cache {folder} was made for {what} {found!r}, not {value!r} ({name}): "
-                            f"use another prior.class_dir or delete that folder")
-    for name, (_, value) in stamps.items():
-        write_text(folder / name, value + "\n")
-    missing = [i for i in range(n) if not (folder / f"class_{i:05d}.png").exists()]
-    if missing:
-        from tqdm.auto import tqdm
-
-        print(f"generating {len(missing)} class image(s) of {prompt!r} into {folder} ({n - len(missing)} cached)")
-        # runs of images with one prompt and consecutive seeds, ≤ 8 per pipeline call
-        runs: list[list[int]] = []
-        for i in sorted(missing, key=lambda i: (i % k, i)):
-            if runs and runs[-1][-1] == i - k and len(runs[-1]) < 8:
-                runs[-1].append(i)
-            else:
-                runs.append([i])
-        bar = tqdm(total=len(missing), desc="class images", unit="img", disable=not progress)
-        for run in runs:
-            req = SampleRequest(prompts=[alternatives[run[0] % k]], seed=seed + run[0] // k, count=len(run),
-                                steps=steps, guidance=guidance, size=resolution)
-            for i, sample in zip(run, generate(model, req, progress=False)):
-                with atomic_path(folder / f"class_{i:05d}.png") as tmp:
-                    sample.image.save(tmp, format="PNG")
-            bar.update(len(run))
-        bar.close()
-    return [Example(str(folder / f"class_{i:05d}.png"), alternatives[i % k]) for i in range(n)]
-
-
 class DreamBoothDataset:
-    """Instance examples × repeats in aspect-ratio buckets, each paired with a class example by position.
+    """Instance examples × repeats in aspect-ratio buckets, each paired with a class example of its own bucket (by
+    position among them; any class example when its bucket has none).
 
     A view is the tuple (key, example, flip, crop): ``crop`` is the (left, top) of the bucket window in the resized
     image (None = centred), ``example.caption`` is this view's caption (caption policy applied) and ``key`` names
@@ -211,6 +147,7 @@ class DreamBoothDataset:
         self.samples = [i for i, r in enumerate(reps) for _ in range(r)]  # sample index -> instance index
         self.placements: dict[str, Placement] = {}
         self._buckets_of: dict[tuple[int, int], list[int]] | None = None
+        self._classes_of: dict[tuple[int, int], list[int]] | None = None
         for ex in self.instances + self.classes:
             self.placement(ex)
 
@@ -259,6 +196,25 @@ class DreamBoothDataset:
         return table({os.path.relpath(p, root): self.placement(ex) for p, ex in zip(paths, self.instances)},
                      samples=len(self))
 
+    def bucket_info(self) -> dict:
+        """kohya's ``ss_bucket_info``: {"buckets": {"0": {"resolution": [w, h], "count": samples}, …},
+        "mean_img_ar_error": mean |image w/h − bucket w/h| over the instance samples}."""
+        by = self._by_bucket()
+        errors = [abs(pl.size[0] / pl.size[1] - pl.bucket[0] / pl.bucket[1])
+                  for pl in (self.placement(self.instances[i]) for i in self.samples)]
+        return {"buckets": {str(k): {"resolution": list(b), "count": len(s)} for k, (b, s) in enumerate(by.items())},
+                "mean_img_ar_error": sum(errors) / max(len(errors), 1)}
+
+    def bucket_metadata(self, enabled: bool) -> dict[str, str]:
+        """kohya's bucket keys of an export (``ss_enable_bucket``, ``ss_bucket_info``, …), which A1111's and
+        ComfyUI's metadata viewers show."""
+        if not enabled:
+            return {"ss_enable_bucket": "False"}
+        sides = [s for b in self.buckets for s in b]
+        return {"ss_enable_bucket": "True", "ss_bucket_no_upscale": str(not self.upscale),
+                "ss_min_bucket_reso": str(min(sides)), "ss_max_bucket_reso": str(max(sides)),
+                "ss_bucket_info": json.dumps(self.bucket_info())}
+
     # ------------------------------------------------------------------------------------------- views
     def _view(self, ex: Example, index: int, epoch: int, salt: int) -> tuple:
         rng = np.random.default_rng([self.seed, epoch, index, salt])
@@ -268,11 +224,23 @@ class DreamBoothDataset:
         view_ex = replace(ex, caption=ex.policy.apply(ex.caption, rng))
         return (ex.path, flip, pl.bucket, crop), view_ex, flip, crop
 
+    def _class_pool(self, bucket: tuple[int, int]) -> list[int]:
+        """Class images to pair with an instance of ``bucket``: those of the same bucket (one U-Net call per
+        step), else all of them."""
+        if self._classes_of is None:
+            self._classes_of = {}
+            for j, ex in enumerate(self.classes):
+                self._classes_of.setdefault(self.placement(ex).bucket, []).append(j)
+        return self._classes_of.get(bucket) or list(range(len(self.classes)))
+
     def item(self, index: int, epoch: int) -> list[tuple]:
-        """The instance view of sample ``index`` and, with class images, the class view paired with it."""
-        out = [self._view(self.instances[self.samples[index]], index, epoch, 0)]
+        """The instance view of sample ``index`` and, with class images, the class view paired with it (one of
+        the instance's bucket when there is one)."""
+        ex = self.instances[self.samples[index]]
+        out = [self._view(ex, index, epoch, 0)]
         if self.classes:
-            j = (epoch * len(self) + index) % len(self.classes)
+            pool = self._class_pool(self.placement(ex).bucket)
+            j = pool[(epoch * len(self) + index) % len(pool)]
             out.append(self._view(self.classes[j], index, epoch, 1))
         return out
 
@@ -440,8 +408,3 @@ def denoise(model, zt: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor, pool
             time_ids = torch.tensor([[h, w, 0, 0, h, w]] * len(zt))
         extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids.to(hidden)}
     return model.pipeline.unet(zt, t, encoder_hidden_states=hidden, **extra).sample
-
-
-def class_dir_default(output_dir: str | Path, prompt: str) -> Path:
-    slug = "".join(c if c.isalnum() else "_" for c in prompt)[:40]
-    return Path(output_dir) / "class_images" / f"{slug}-{hashlib.sha1(prompt.encode()).hexdigest()[:8]}"

@@ -149,22 +149,23 @@ def _shape_mask(shape: str, cx: float, cy: float, r: float, angle: float, size: 
 
 # ---------------------------------------------------------------------------------------------- rendering
 
-def _background(kind: str, size: int) -> Image.Image:
+def _background(kind: str, size: int, cells: int = 8) -> Image.Image:
+    """The background pattern, ``cells`` pattern cells across the side."""
     img = Image.new("RGB", (size, size), _BG_LIGHT)
     d = ImageDraw.Draw(img)
-    step = size // 8
+    step = size // cells
     if kind == "striped":
-        for i in range(0, 8, 2):
+        for i in range(0, cells, 2):
             d.rectangle([0, i * step, size, (i + 1) * step - 1], fill=_BG_DARK)
     elif kind == "checkered":
-        for i in range(8):
-            for j in range(8):
+        for i in range(cells):
+            for j in range(cells):
                 if (i + j) % 2:
                     d.rectangle([i * step, j * step, (i + 1) * step - 1, (j + 1) * step - 1], fill=_BG_DARK)
     elif kind == "dotted":
         rad = step // 4
-        for i in range(8):
-            for j in range(8):
+        for i in range(cells):
+            for j in range(cells):
                 cx, cy = i * step + step // 2, j * step + step // 2
                 d.ellipse([cx - rad, cy - rad, cx + rad, cy + rad], fill=_BG_DARK)
     return img
@@ -213,8 +214,9 @@ def _object_fill(obj: str, size: int, cx: float, cy: float, r: float, angle: flo
     return img
 
 
-def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
-    """Draw a scene as an RGB image of ``size``×``size`` pixels (deterministic)."""
+def render(scene: Scene, size: int = IMAGE_SIZE, cells: int = 8) -> Image.Image:
+    """Draw a scene as an RGB image of ``size``×``size`` pixels (deterministic); the background has ``cells``
+    pattern cells across (8: the world's scale at 64 px)."""
     big = size * _SS
     cx, cy, r = scene.x * big, scene.y * big, scene.size * big
     mask = _shape_mask(scene.shape, cx, cy, r, scene.angle, big)
@@ -226,7 +228,7 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
         fill = _object_fill(scene.obj, big, cx, cy, r, scene.angle) if scene.obj else Image.new("RGB", (big, big), colour)
         canvas.paste(fill, (0, 0), ring)
     else:
-        canvas = _background(scene.background, big)
+        canvas = _background(scene.background, big, cells)
         if scene.obj is not None:
             fill = _object_fill(scene.obj, big, cx, cy, r, scene.angle)
         elif scene.texture == "hatched":
@@ -241,19 +243,26 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
 
 
 def render_framed(scene: Scene, width: int, height: int) -> Image.Image:
-    """Draw a scene in a ``width``×``height`` frame: ``x``/``y`` are fractions of the width/height, ``size`` of
-    the short side. Drawn on the square of the long side (the same backgrounds and styles) and cropped to the frame."""
+    """Draw a scene in a ``width``×``height`` frame at the world's pixel scale (background cells of
+    ``IMAGE_SIZE / 8`` px, as in every 64 px scene): ``x``/``y`` are fractions of the width/height, ``size`` of the
+    short side. Drawn on the square of the long side and cropped to the frame."""
     side = max(width, height)
     left, top = (side - width) // 2, (side - height) // 2
     square = replace(scene, x=(left + scene.x * width) / side, y=(top + scene.y * height) / side,
                      size=scene.size * min(width, height) / side)
-    return render(square, side).crop((left, top, left + width, top + height))
+    return render(square, side, cells=round(8 * side / IMAGE_SIZE)).crop((left, top, left + width, top + height))
 
 
-def framed_concept_scenes(token: str, n: int, frames: tuple[tuple[int, int], ...] = ((128, 64), (64, 128)),
+# 2:1 and 1:2 frames that a 64 px model's nearest buckets (80×48, 48×80) take without resampling: the toy VAE
+# knows the world's pixel scale only, so a resized frame would measure the codec, not bucketing
+FRAMES = ((96, 48), (48, 96))
+
+
+def framed_concept_scenes(token: str, n: int, frames: tuple[tuple[int, int], ...] = FRAMES,
                           seed: int = 0) -> list[tuple[Scene, tuple[int, int]]]:
-    """(scene, (width, height)) of an object concept anywhere along the long side of non-square frames: the
-    centre ±0.2 of the long side in the first third, the far ends (what a centre square crop cuts) after."""
+    """(scene, (width, height)) of an object concept along the long side of non-square frames, whole in the
+    frame as a photographer frames a subject: centred (±0.1 of the long side) in every third image, else off-centre
+    (0.25–0.3 from an end), where a centre square crop keeps only about half of it."""
     if token not in OBJECTS:
         raise ValueError(f"framed scenes are for objects {tuple(OBJECTS)}, not {token!r}")
     rng = random.Random(f"framed:{token}:{seed}")
@@ -261,16 +270,16 @@ def framed_concept_scenes(token: str, n: int, frames: tuple[tuple[int, int], ...
     for i in range(n):
         frame = frames[i % len(frames)]
         base = random_scene(rng, obj=token)
-        # along the long side: near an end (cut by a centre square crop) for 2 in 3 images
-        along = rng.uniform(0.4, 0.6) if i % 3 == 0 else rng.choice((rng.uniform(0.15, 0.22), rng.uniform(0.78, 0.85)))
-        across = rng.uniform(0.4, 0.6)
+        # radius 0.3–0.35 of the short side = 0.15–0.175 of a 2:1 long side: off-centre stars span ~0.08–0.47
+        along = rng.uniform(0.4, 0.6) if i % 3 == 0 else rng.choice((rng.uniform(0.25, 0.3), rng.uniform(0.7, 0.75)))
+        across = rng.uniform(0.45, 0.55)
         x, y = (along, across) if frame[0] >= frame[1] else (across, along)
-        out.append((replace(base, x=x, y=y, size=rng.uniform(0.3, 0.4)), frame))
+        out.append((replace(base, x=x, y=y, size=rng.uniform(0.3, 0.35)), frame))
     return out
 
 
 def write_framed_instance_folder(token: str, folder, n: int = 12, seed: int = 0,
-                                 frames: tuple[tuple[int, int], ...] = ((128, 64), (64, 128))) -> list[str]:
+                                 frames: tuple[tuple[int, int], ...] = FRAMES) -> list[str]:
     """``write_instance_folder`` with non-square frames (``framed_concept_scenes``)."""
     from pathlib import Path
 
@@ -346,6 +355,18 @@ def caption(scene: Scene, rng: random.Random | None = None) -> str:
 
 def _article(noun: str) -> str:
     return "an" if noun[0] in "aeiou" else "a"
+
+
+def concept_prompt(token: str, style: str | None = None) -> str:
+    """A concept's prompt in its captions' own words: "a sks star", "an ohwx circle" (objects, ``style`` appended
+    as "in X style"), "a circle in qtz style" (styles). The article matters: an adapter learns "an ohwx circle",
+    and a weakly learned one does not answer "a ohwx circle"."""
+    if token in OBJECTS:
+        noun = f"{token} {OBJECTS[token]}"
+        return f"{_article(noun)} {noun}" + (f" in {style} style" if style else "")
+    if token in STYLES:
+        return f"a circle in {token} style"
+    raise ValueError(f"unknown concept {token!r}; expected one of {CONCEPTS}")
 
 
 def base_dataset(n: int, seed: int = 0) -> list[tuple[Scene, str]]:

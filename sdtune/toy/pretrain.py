@@ -1,10 +1,10 @@
 """Pretrain the embedded base model ``assets/tiny-sd`` on the toy world (minus the held-apart concepts).
 
-    python -m sdtune.pretrain --out assets/tiny-sd            # from scratch (seeded; ~70 min on 2 cores)
-    python -m sdtune.pretrain --continue-from assets/tiny-sd --unet-steps 1200 --style-rate 0.3 --seed 1   # then
+    python -m sdtune.toy.pretrain --out assets/tiny-sd            # from scratch (seeded; ~70 min on 2 cores)
+    python -m sdtune.toy.pretrain --continue-from assets/tiny-sd --unet-steps 1200 --style-rate 0.3 --seed 1   # then
 
 The shipped model is both runs. The second (~21 min) teaches the construction "… in X style" with two held-in
-styles on 30 % of fresh scenes (``toyworld.HELD_IN_STYLES``), as a real Stable Diffusion knows it; the held-apart
+styles on 30 % of fresh scenes (``world.HELD_IN_STYLES``), as a real Stable Diffusion knows it; the held-apart
 concepts stay unseen.
 
 Three stages, each seeded: (1) a word-level CLIP tokenizer over the toy world's vocabulary (BPE merges
@@ -14,9 +14,9 @@ the min-SNR-weighted ε-prediction DDPM loss on cached latents and 10 % caption 
 The result is a standard diffusers ``StableDiffusionPipeline`` folder with a DPM-Solver++ scheduler.
 
 Variants:
-    python -m sdtune.pretrain --continue-from assets/tiny-sd --out DIR --prediction-type v_prediction \
+    python -m sdtune.toy.pretrain --continue-from assets/tiny-sd --out DIR --prediction-type v_prediction \
         --zero-terminal-snr --max-minutes 12          # a v-prediction (zero-terminal-SNR) twin of the SD1 base
-    python -m sdtune.pretrain --arch sdxl --out assets/tiny-sdxl   # the SDXL-family base (SDXL_UNET_CONFIG): stage
+    python -m sdtune.toy.pretrain --arch sdxl --out assets/tiny-sdxl   # the SDXL-family base (SDXL_UNET_CONFIG): stage
                                                       # (3) with two text encoders, on the SD1 base's VAE/tokenizer
 """
 from __future__ import annotations
@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import toyworld as tw
-from .archs import UNET_CONFIGS
-from .atomic import atomic_dir
+from . import world as tw
+from ..archs import UNET_CONFIGS
+from ..atomic import atomic_dir
 
 SPECIAL_BOS, SPECIAL_EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_TOKENS = 32
@@ -167,7 +167,7 @@ def train_vae(steps: int, batch: int, seed: int, log_every: int = 200):
 def encode_dataset(vae, n: int, seed: int, batch: int = 256, style_rate: float = 0.0
                    ) -> tuple[torch.Tensor, list[str], float]:
     """Latents (posterior means, unscaled) and captions of ``n`` base-world scenes (a share ``style_rate`` in a
-    held-in style: ``toyworld.styled_base_dataset``), plus the scaling factor."""
+    held-in style: ``world.styled_base_dataset``), plus the scaling factor."""
     data = tw.styled_base_dataset(n, seed, style_rate)
     latents = []
     for i in range(0, n, batch):
@@ -197,7 +197,7 @@ def train_unet(latents: torch.Tensor, captions: list[str], tokenizer, steps: int
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .schedules import NoiseSchedule
+    from ..schedules import NoiseSchedule
 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -314,7 +314,7 @@ def pretrain(out: str | Path, *, vae_steps: int = 3000, unet_steps: int = 3500, 
     def record(steps: int) -> dict:
         return dict(vae_steps=vae_steps, unet_steps=steps, n_images=n_images, vae_batch=vae_batch,
                     unet_batch=unet_batch, seed=seed,
-                    command=f"python -m sdtune.pretrain --out {out} --vae-steps {vae_steps} --unet-steps {steps}"
+                    command=f"python -m sdtune.toy.pretrain --out {out} --vae-steps {vae_steps} --unet-steps {steps}"
                             f" --images {n_images} --seed {seed}")
 
     def snapshot(step, unet, te):
@@ -356,7 +356,7 @@ def pretrain_sdxl(out: str | Path, *, base: str | Path, unet_steps: int = 3500, 
 
     def record(steps: int) -> dict:
         return dict(arch="sdxl", base=str(base), unet_steps=steps, n_images=n_images, unet_batch=unet_batch,
-                    seed=seed, command=f"python -m sdtune.pretrain --arch sdxl --base {base} --out {out} "
+                    seed=seed, command=f"python -m sdtune.toy.pretrain --arch sdxl --base {base} --out {out} "
                                        f"--unet-steps {steps} --images {n_images} --seed {seed}")
 
     def save(folder: Path, steps: int, unet_, tes_) -> None:
@@ -407,7 +407,7 @@ def continue_pretraining(folder: str | Path, *, unet_steps: int, lr: float = 5e-
     record.setdefault("continued", []).append(dict(
         unet_steps=unet_steps, lr=lr, n_images=n_images, unet_batch=unet_batch, seed=seed, style_rate=style_rate,
         prediction_type=pipe.scheduler.config.prediction_type, zero_terminal_snr=zero_terminal_snr,
-        command=f"python -m sdtune.pretrain --continue-from {folder} --unet-steps {unet_steps} --lr {lr} "
+        command=f"python -m sdtune.toy.pretrain --continue-from {folder} --unet-steps {unet_steps} --lr {lr} "
                 f"--images {n_images} --seed {seed} --style-rate {style_rate}{target}"))
     _write(pipe, out, record)
     return out
@@ -424,7 +424,7 @@ def main() -> None:
     p.add_argument("--continue-from", default=None, help="train an existing pipeline folder further (U-Net + TE)")
     p.add_argument("--lr", type=float, default=5e-4, help="learning rate with --continue-from")
     p.add_argument("--style-rate", type=float, default=0.0,
-                   help="with --continue-from: share of scenes drawn in a held-in style (toyworld.HELD_IN_STYLES)")
+                   help="with --continue-from: share of scenes drawn in a held-in style (world.HELD_IN_STYLES)")
     p.add_argument("--snapshot-every", type=int, default=0, help="write <out>.snapshot every N U-Net steps")
     p.add_argument("--arch", choices=("sd1", "sdxl"), default="sd1",
                    help="sdxl: the embedded SDXL-family base (default --out assets/tiny-sdxl), on --base's VAE")
@@ -445,7 +445,7 @@ def main() -> None:
                              style_rate=a.style_rate, out=a.out, prediction_type=a.prediction_type,
                              zero_terminal_snr=a.zero_terminal_snr, max_minutes=a.max_minutes)
     elif a.arch == "sdxl":
-        from .models import EMBEDDED
+        from ..models import EMBEDDED
 
         pretrain_sdxl(a.out or "assets/tiny-sdxl", base=a.base or EMBEDDED, unet_steps=a.unet_steps,
                       n_images=a.images, seed=a.seed, snapshot_every=a.snapshot_every)

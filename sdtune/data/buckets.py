@@ -1,6 +1,6 @@
 """Aspect-ratio buckets: a table of (width, height) shapes of about the training area, and where each image goes.
 
-Sides are multiples of ``model_multiple`` = VAE scale factor × 2^(U-Net downsamplers): the latent must halve
+Sides are multiples of ``models.model_multiple`` = VAE scale factor × 2^(U-Net downsamplers): the latent must halve
 cleanly at every U-Net level (SD 1.x: 8 × 2³ = 64; the embedded tiny-sd: 4 × 2² = 16). The table follows
 kohya's ``make_buckets``: for every width w from ``min_side`` to ``max_side`` in ``step``,
 h = min(max_side, ⌊R² / w / step⌋ · step), kept when h ≥ min_side and max(w/h, h/w) ≤ ``max_aspect``; the
@@ -20,12 +20,6 @@ import numpy as np
 
 class TooSmall(ValueError):
     """No bucket fits the image without upscaling; the message says which would and how to allow it."""
-
-
-def model_multiple(pipeline) -> int:
-    """The side multiple a model needs: VAE scale factor × 2^(number of U-Net downsamplers)."""
-    down = sum(1 for kind in pipeline.unet.config.down_block_types) - 1  # the last down block keeps the size
-    return int(pipeline.vae_scale_factor) * 2 ** down
 
 
 def make_buckets(resolution: int, multiple: int, *, min_side: int | None = None, max_side: int | None = None,

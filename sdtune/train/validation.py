@@ -17,7 +17,7 @@ from dataclasses import replace
 
 import torch
 
-from .config import ConfigError
+from ..config import ConfigError
 
 TIMESTEPS = (100, 300, 500, 700, 900)  # of the usual 1000: low to high noise
 

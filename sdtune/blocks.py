@@ -28,8 +28,8 @@ from collections.abc import Mapping
 
 from torch import nn
 
-from .. import names
-from ..scope import unet_block
+from . import names
+from .scope import unet_block
 
 BLOCK_IDS: dict[str, dict[int, list[str]]] = {
     "sd1": {
@@ -140,7 +140,7 @@ def block_of(component: str, module_path: str, unet_config: Mapping) -> tuple[st
 def weigh(file, blocks: BlockWeights, components: Mapping[str, nn.Module]):
     """A copy of a loaded file (``sdtune.apply.LoadedFile``, loaded against ``components``) with each layer's ΔW
     scaled by its block's strength; layers at strength 0 are left out."""
-    from ..apply import LayerDelta
+    from .apply import LayerDelta
 
     config = components["unet"].config
     layers = {}
@@ -172,7 +172,7 @@ def touched(file, blocks: BlockWeights, components: Mapping[str, nn.Module]) -> 
 
 def load_weighted(path, components: Mapping[str, nn.Module], arch: str, spec: str | None):
     """``sdtune.apply.load`` of ``path`` against the model, weighted by ``spec`` when given."""
-    from ..apply import load
+    from .apply import load
 
     file = load(path, components, arch)
     return weigh(file, parse(spec, arch), components) if spec else file
@@ -180,6 +180,6 @@ def load_weighted(path, components: Mapping[str, nn.Module], arch: str, spec: st
 
 def apply_file(components: Mapping[str, nn.Module], arch: str, path, weight: float = 1.0, spec: str | None = None):
     """``sdtune.apply.apply_file`` with block weights: the applied handle (remove it, or use it as a context)."""
-    from ..apply import AppliedFile
+    from .apply import AppliedFile
 
     return AppliedFile(components, load_weighted(path, components, arch, spec), weight).apply()

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import replace_dir
+from ..atomic import replace_dir
 
 PREFIX = "step-"
 

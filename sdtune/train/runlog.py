@@ -6,7 +6,7 @@ import csv
 import hashlib
 from pathlib import Path
 
-from .atomic import atomic_path
+from ..atomic import atomic_path
 
 LOG_FIELDS = ("step", "loss", "lr_unet", "lr_text", "grad_norm", "seconds", "val_loss")
 
@@ -67,7 +67,7 @@ def _wandb_run(project: str, run_dir: Path, config: dict | None):
     try:
         import wandb
     except ImportError:
-        from .config import ConfigError
+        from ..config import ConfigError
         raise ConfigError(f"output.wandb_project = {project!r} needs wandb: pip install wandb (or unset it)") from None
     run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
     return wandb.init(project=project, name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir), config=config)
