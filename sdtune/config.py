@@ -220,7 +220,7 @@ _RULE_HELP = {
     "rslora": "LoCon: alpha/sqrt(rank) scaling",
     "tucker": "LoCon: Tucker form on k×k convs",
     "flora_ranks": "FLoRA per-mode ranks [r1, r2] or [r1, r2, r3, r4]",
-    "scale": "FLoRA's scale s; unset = 1",
+    "scale": "FLoRA's scale s; unset = 1 (small ranks learn slowly at 1: demo-flora-small uses 4)",
     "dora_base": "DoRA's low-rank update: locon | flora",
     "dora_axis": "DoRA norm axis: in (A1111/kohya) | out (PEFT)",
     "spectral_mode": "Spectral: additive | rotational",

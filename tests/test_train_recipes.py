@@ -324,3 +324,24 @@ def test_wandb_missing_is_a_clear_error(inst, tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "wandb", None)
     with pytest.raises(ConfigError, match="pip install wandb"):
         train(config(inst, tmp_path / "run", "output.wandb_project='x'"), progress=False)
+
+
+def test_the_small_flora_demo_has_at_most_30_percent_of_the_locon_demos_parameters(fresh_tiny_model):
+    """Issue 20's size claim, counted on the embedded model: the adapters each recipe attaches (U-Net and, when the
+    recipe trains it, the text encoder)."""
+    from sdtune.config import load_config
+    from sdtune.inject import attach
+    from sdtune.resources import recipe_path
+
+    def trainable(name: str) -> int:
+        cfg = load_config(recipe_path(name))
+        comps = fresh_tiny_model.components()
+        adapted = {k: m for k, m in comps.items() if k == "unet" or k in cfg.train.trained_text_encoders(comps)}
+        injection = attach(adapted, cfg.rules(), fresh_tiny_model.arch)
+        try:
+            return injection.num_params()
+        finally:
+            injection.detach()
+
+    locon, small, flora = trainable("demo"), trainable("demo-flora-small"), trainable("demo-flora")
+    assert locon == 381_696 and small <= 0.30 * locon < flora < locon
