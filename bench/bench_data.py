@@ -6,6 +6,7 @@ read speed against the training step.
     flock /tmp/sdtune-heavy.lock python bench/bench_data.py masks [--n 32] [--out outputs/bench_data]
     flock /tmp/sdtune-heavy.lock python bench/bench_data.py subsets [--n 32] [--out outputs/bench_data]
     python bench/bench_data.py cache [--out outputs/bench_data]
+    python bench/bench_data.py steps [--out outputs/bench_data]    # step time, buckets vs centre crop, warm
 
 Instance set: 12 ``sks`` stars in 96×48 and 48×96 frames (``toy.world.write_framed_instance_folder``, drawn at the
 world's pixel scale), the star 0.25–0.3 from an end of the long side in 8 of them, so a centre square crop keeps
@@ -135,6 +136,29 @@ def subsets(a) -> None:
     print(f"(training: {wall:.0f} s)")
 
 
+def steps(a) -> None:
+    """Training-step time with buckets against the centre square crop on the framed set, after warm-up: 12 steps
+    (every latent cached), then the mean of 20, each configuration set up in turn in this process."""
+    from sdtune.train.loop import Trainer
+
+    inst = Path(a.out) / "framed_sks"
+    tw.write_framed_instance_folder("sks", inst, n=12, seed=a.data_seed)
+    print("| run | ms per step (mean of 20, after 12) |")
+    print("|---|---|")
+    for name, bucketed in (("buckets (default)", True), ("centre square crop", False)):
+        flags = f"data.buckets={str(bucketed).lower()}", f"data.bucket_upscale={str(not bucketed).lower()}"
+        cfg = load_config(recipe_path("demo"), [f"data.instance_dir={inst.resolve()}", *flags,
+                                                f"output.dir={Path(a.out) / 'steps'}", "output.validation_prompts=[]"])
+        trainer = Trainer(cfg, progress=False)
+        trainer.setup()
+        for step in range(1, 13):
+            trainer.optimizer_step(step, None)
+        t0 = time.perf_counter()
+        for step in range(13, 33):
+            trainer.optimizer_step(step, None)
+        print(f"| {name} | {(time.perf_counter() - t0) / 20 * 1e3:.0f} |")
+
+
 def cache(a) -> None:
     """Latents read back from the disk cache against one training step, both at batch 16."""
     import torch
@@ -176,13 +200,13 @@ def cache(a) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("question", choices=["buckets", "masks", "subsets", "cache"])
+    p.add_argument("question", choices=["buckets", "steps", "masks", "subsets", "cache"])
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--seed", type=int, default=500, help="first sampling seed of the judged samples")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the toy-world instance images")
     p.add_argument("--out", default="outputs/bench_data")
     a = p.parse_args()
-    {"buckets": buckets, "masks": masks, "subsets": subsets, "cache": cache}[a.question](a)
+    {"buckets": buckets, "steps": steps, "masks": masks, "subsets": subsets, "cache": cache}[a.question](a)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_train import tiny_config
 from safetensors.torch import load_file
 
 from sdtune.config import loads_config
@@ -22,22 +23,7 @@ def inst(tmp_path_factory) -> Path:
     return root / "inst"
 
 
-def config(inst: Path, out: Path, *overrides: str):
-    text = f"""
-[data]
-instance_dir = "{inst}"
-resolution = 32
-[[adapters]]
-preset = "attn"
-rank = 2
-[optim]
-lr_unet = 1e-3
-[train]
-steps = 4
-[output]
-dir = "{out}"
-"""
-    return loads_config(text, list(overrides))
+config = tiny_config
 
 
 def _cancel_at(step: int):

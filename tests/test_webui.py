@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_train import tiny_config
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -141,25 +142,10 @@ def test_invalid_or_oversized_safetensors_are_refused(studio, tmp_path, monkeypa
 
 
 def test_the_loss_plot_draws_the_validation_loss_beside_the_training_loss(studio, tmp_path):
-    from sdtune.config import loads_config
-
     inst = tmp_path / "inst"
     tw.write_instance_folder("sks", inst, n=3)
-    text = f"""
-[data]
-instance_dir = "{inst}"
-resolution = 32
-[[adapters]]
-preset = "attn"
-rank = 2
-[train]
-steps = 3
-validation_images = 1
-validation_every = 2
-[output]
-dir = "{tmp_path / 'run'}"
-"""
-    studio.job.start(loads_config(text))
+    studio.job.start(tiny_config(inst, tmp_path / "run", "train.steps=3", "train.validation_images=1",
+                                 "train.validation_every=2"))
     studio.job.wait(120)
     state = studio.job.snapshot()
     assert state.status == "finished", state.message
