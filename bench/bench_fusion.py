@@ -1,7 +1,11 @@
-"""Issue 6: fusing separately trained concepts on the embedded model, judged by the toy-world judge.
+"""Issues 6 and 22: fusing separately trained concepts on the embedded model, judged by the toy-world judge.
 
-    python bench/bench_fusion.py --concepts sks,qtz --out outputs/bench_fusion2          # 2 concepts
-    python bench/bench_fusion.py --concepts sks,ohwx,qtz,bnp --out outputs/bench_fusion4 # 4 concepts
+    # four concepts at rank × concepts = 12.5 % of every adapted layer's input width (bench/RESULTS.md)
+    python bench/bench_fusion.py --concepts sks,ohwx,qtz,bnp --ranks width:1 --alpha-ratio 2 --per-prompt 64 \
+        --families locon,ortho-locon --methods sum,orthogonal,regmean,zip --out outputs/bf4w
+    # two of them (6.25 %), reusing the adapters and the judged samples
+    python bench/bench_fusion.py --concepts sks,qtz --ranks width:1 --alpha-ratio 2 --per-prompt 64 --reuse \
+        --families locon,ortho-locon --methods sum,orthogonal,regmean,zip,composed --out outputs/bf4w
     python bench/bench_fusion.py --smoke --out /tmp/bf        # ~2 min: checks the plumbing only
 
 For each *family* of adapters every concept is trained alone (``sdtune.train.loop.train``) on 12 (``--instances``)
@@ -10,8 +14,12 @@ batch 4; a style's class prompts are its own captions without the style, cycled,
 (free LoCon r8: fused with sum / orthogonal / orthogonal-sequential / regmean / zip; zip is fitted on each concept's
 training captions; plus ``composed``, no fused file: ``sdtune.compose`` samples each concept's phrase, bracketed by
 ``marked_prompt``, under its own adapter, and prompts without a concept under the base model), ``spectral-slots``
-(rotational Spectral r8 at 3× the lr, concept k in slot k: fused with sum) and ``ortho-locon`` (LoCon r8 with a
-frozen down-projection from one shared orthogonal basis, concept k takes block k: fused with sum). Then, with
+(rotational Spectral r8 at 3× the lr, concept k in slot k: fused with sum), ``ortho-locon`` (LoCon r8 with a
+frozen down-projection from one shared orthogonal basis, concept k takes block k: fused with sum) and ``ortho-random``
+(the same basis, each concept's rows drawn at random with its own seed: Orthogonal Adaptation without agreed blocks).
+``--ranks width:K`` gives every U-Net block K ranks per 32 input channels (the text encoder likewise), so that
+rank × concepts / input width, printed for every run, stays at one ratio (issue 22: SD's narrowest adapted layers are
+320 wide, the embedded model's 32). Then, with
 ``--per-prompt`` samples per prompt (≥ 32 for the report), the judge reads:
   solo fidelity     concept present on its own prompt ("a sks star", "a circle in qtz style"): fused / solo adapter
   joint success     both present on an object+style prompt ("a sks star in qtz style"), fused adapter
@@ -62,7 +70,66 @@ def instance_captions(out: Path, token: str) -> list[str]:
     return sorted({c.read_text().strip() for c in (out / "instances" / token).glob("*.txt")})
 
 
-def train_concept(token: str, family: str, rule: dict, out: Path, a) -> Path:
+def width_ranks(model, per_32: int) -> dict[str, dict[str, int]]:
+    """preset -> {U-Net block: rank ∝ the block's input width}: ``per_32`` per 32 channels, so rank × concepts over
+    every adapted layer's input width stays one ratio (issue 22) rather than crowding the narrow blocks. A ResNet
+    block's narrowest input is the one entering it (the shortcut of ``down_blocks.i`` reads ``down_blocks.{i-1}``'s
+    width); an attention block reads its own."""
+    widths = list(model.pipeline.unet.config.block_out_channels)
+    up = widths[::-1]
+    rank = lambda w: max(1, per_32 * w // 32)
+    attn = {f"down_blocks.{i}": rank(w) for i, w in enumerate(widths)} | {"mid_block": rank(widths[-1])} \
+        | {f"up_blocks.{i}": rank(w) for i, w in enumerate(up)}
+    resnet = dict(attn) | {f"down_blocks.{i}": rank(widths[max(i - 1, 0)]) for i in range(len(widths))}
+    return {"attn": attn, "resnet": resnet}
+
+
+def adapter_rules(rule: dict, a, model) -> list[dict]:
+    """A concept's ``[[adapters]]`` rules: attn + resnet at ``rule``'s rank (``--ranks N``), or per block by width
+    (``--ranks width:K``: ``width_ranks``), plus the text encoder, by its hidden width likewise."""
+    if a.alpha_ratio:   # scale = alpha / rank
+        rule = dict(rule, alpha_ratio=a.alpha_ratio)
+    if not a.ranks.startswith("width:"):
+        return [with_alpha(dict(rule, preset=p, rank=int(a.ranks)))
+                for p in ("attn", "resnet", "te") if a.text_encoder or p != "te"]
+    per_32 = int(a.ranks.split(":")[1])
+    rules = []
+    for preset, by_block in width_ranks(model, per_32).items():
+        for r in sorted(set(by_block.values())):
+            rules.append(dict(rule, preset=preset, rank=r, blocks=[b for b, v in by_block.items() if v == r]))
+    te_width = model.pipeline.text_encoder.config.hidden_size
+    rules.append(dict(rule, preset="te", rank=max(1, per_32 * te_width // 32)))
+    return [with_alpha(r) for r in rules if a.text_encoder or r["preset"] != "te"]
+
+
+def with_alpha(rule: dict) -> dict:
+    """``alpha_ratio`` k -> alpha = k·rank (scale k on every layer, whatever its rank)."""
+    k = rule.pop("alpha_ratio", None)
+    return rule if k is None else dict(rule, alpha=k * rule["rank"])
+
+
+def ratio(files: list[Path]) -> tuple[float, str, float]:
+    """(max, its layer, median) over the adapted layers of rank × concepts / input width, the input width being
+    the down factor's row length (in·kh·kw): the share of a layer's input space the concepts' row spaces take."""
+    from safetensors import safe_open
+
+    per_layer: dict[str, float] = {}
+    for f in files:
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                if k.endswith(".lora_down.weight"):
+                    shape = h.get_slice(k).get_shape()
+                    fan_in = 1
+                    for d in shape[1:]:
+                        fan_in *= d
+                    name = k[: -len(".lora_down.weight")]
+                    per_layer[name] = per_layer.get(name, 0.0) + shape[0] / fan_in
+    worst = max(per_layer, key=per_layer.get)
+    values = sorted(per_layer.values())
+    return per_layer[worst], worst, values[len(values) // 2]
+
+
+def train_concept(token: str, family: str, rule: dict, out: Path, a, model) -> Path:
     from sdtune.config import apply_override, from_dict
     from sdtune.train.loop import train
 
@@ -88,11 +155,11 @@ def train_concept(token: str, family: str, rule: dict, out: Path, a) -> Path:
         "data": {"instance_dir": str(inst)},
         "prior": {"enabled": True, "class_prompt": class_prompt, "class_dir": str(class_dir),
                   "num_class_images": a.class_images, "sample_steps": a.sample_steps},
-        "adapters": [dict(rule, preset="attn"), dict(rule, preset="resnet")],
+        "adapters": adapter_rules(rule, a, model),
         "optim": {"lr_unet": a.lr * lr_scale, "lr_text": a.lr * lr_scale / 3},
         "schedule": {"scheduler": "cosine", "warmup_steps": min(20, a.train_steps // 10)},
-        "train": {"steps": a.train_steps, "batch_size": a.batch, "seed": 0, "min_snr_gamma": 5.0,
-                  "train_text_encoder": True},
+        "train": {"steps": a.train_steps, "batch_size": a.batch, "seed": a.train_seed, "min_snr_gamma": 5.0,
+                  "train_text_encoder": a.text_encoder},
         "output": {"dir": str(run), "export_dtype": "fp32"},
     }
     for item in a.style_set if token in tw.STYLES else a.object_set:
@@ -115,18 +182,46 @@ def families(tokens: list[str]) -> dict[str, tuple[list[dict], list[tuple[str, d
                              "lr_scale": 3.0} for k in range(len(tokens))], plain),
         "ortho-locon": ([{"algorithm": "locon", "rank": 8, "ortho_basis_seed": 0, "ortho_index": k}
                          for k in range(len(tokens))], plain),
+        # the paper's uncoordinated form: each concept draws its rows from the shared basis with its own seed
+        "ortho-random": ([{"algorithm": "locon", "rank": 8, "ortho_basis_seed": 0, "ortho_pick": "random",
+                           "ortho_index": 1000 + k} for k in range(len(tokens))], plain),
     }
 
 
 def judge_rates(model, judge, files: list[Path], weights: list[float], prompts: list[str], a, *,
                 composed: bool = False) -> dict[str, list]:
     """prompt -> verdicts of ``--per-prompt`` samples with ``files`` applied (none: the base model); ``composed``:
-    bracketed prompts are sampled with each file on its own phrase (``sdtune.compose``)."""
-    request = SampleRequest(prompts, seed=a.seed, steps=a.sample_steps, guidance=a.guidance, count=a.per_prompt,
-                            adapters=[(str(f), w) for f, w in zip(files, weights)])
-    samples = compose.run(model, request, composed=composed, progress=False)
-    verdicts = J.judge(judge, [s.image for s in samples])
-    return {p: verdicts[i * a.per_prompt:(i + 1) * a.per_prompt] for i, p in enumerate(prompts)}
+    bracketed prompts are sampled with each file on its own phrase (``sdtune.compose``). Each prompt's verdicts are
+    kept in ``<out>/verdicts/`` under a key of everything that decides its samples (the files' bytes included), so
+    a run on a subset of concepts (``--reuse``) does not sample again what an earlier run judged."""
+    import hashlib
+    import json
+
+    def key(prompt: str) -> str:
+        h = hashlib.sha256(json.dumps([prompt, weights, composed, a.seed, a.per_prompt, a.sample_steps, a.guidance,
+                                       a.model]).encode())
+        for f in files:
+            h.update(Path(f).read_bytes())
+        return h.hexdigest()[:24]
+
+    store = Path(a.out) / "verdicts"
+    got, todo = {}, []
+    for q in prompts:
+        path = store / f"{key(q)}.json"
+        if path.is_file():
+            got[q] = [J.Verdict(**v) for v in json.loads(path.read_text())]
+        else:
+            todo.append(q)
+    if todo:
+        request = SampleRequest(todo, seed=a.seed, steps=a.sample_steps, guidance=a.guidance, count=a.per_prompt,
+                                adapters=[(str(f), w) for f, w in zip(files, weights)])
+        samples = compose.run(model, request, composed=composed, progress=False)
+        verdicts = J.judge(judge, [s.image for s in samples])
+        store.mkdir(parents=True, exist_ok=True)
+        for i, q in enumerate(todo):
+            got[q] = verdicts[i * a.per_prompt:(i + 1) * a.per_prompt]
+            (store / f"{key(q)}.json").write_text(json.dumps([vars(v) for v in got[q]]))
+    return {q: got[q] for q in prompts}
 
 
 def rate(vs: list, ok) -> float:
@@ -144,6 +239,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/bench_fusion")
     p.add_argument("--model", default=None)
     p.add_argument("--train-steps", type=int, default=600)
+    p.add_argument("--train-seed", type=int, default=0, help="training seed of every concept (a second, independent run)")
+    p.add_argument("--no-text-encoder", dest="text_encoder", action="store_false",
+                   help="adapters on the U-Net only (the text encoder frozen): no concept changes how the others' "
+                        "prompts are encoded")
+    p.add_argument("--alpha-ratio", type=float, default=None,
+                   help="alpha = this × rank on every layer (scale alpha/rank); unset: alpha = rank (scale 1)")
+    p.add_argument("--ranks", default="8", help="N: rank N on every adapted layer; width:K: K per 32 input channels, "
+                                                 "per U-Net block (the ratio rank × concepts / width held even)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3, help="U-Net lr; the text encoder's is a third (the demo recipe)")
     p.add_argument("--class-images", type=int, default=48)
@@ -159,9 +262,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--columns", type=int, default=256, help="activation columns per layer and concept")
-    p.add_argument("--families", default=None, help="comma-separated subset of locon,spectral-slots,ortho-locon")
+    p.add_argument("--families", default=None, help="comma-separated subset of locon,spectral-slots,ortho-locon,ortho-random")
     p.add_argument("--methods", default=None, help="comma-separated subset of the fusion labels (e.g. sum,zip)")
     p.add_argument("--reuse", action="store_true", help="reuse adapters already trained in --out")
+    p.add_argument("--no-ceilings", action="store_true",
+                   help="judge each adapter alone on its own prompt only (not on the joint and class prompts)")
     p.add_argument("--zip-steps", type=int, default=100, help="zip: merger-fitting steps")
     p.add_argument("--smoke", action="store_true", help="tiny settings: checks the plumbing, measures nothing")
     return p
@@ -184,19 +289,21 @@ def main() -> None:
     class_prompts = sorted({f"a {tw.OBJECTS[t]}" for t in tokens if t in tw.OBJECTS} | {"a red circle"})
     base = judge_rates(model, judge, [], [], class_prompts, a)
     base_prior = {q: prior_ok(vs, q) for q, vs in base.items()}
-    rows, solo_priors, solo_joint = [], [], []
+    rows, solo_priors, solo_joint, ratios = [], [], [], []
     for fam, (rules, methods) in fams.items():
         t0 = time.time()
-        files = [train_concept(t, fam, r, out, a) for t, r in zip(tokens, rules)]
+        files = [train_concept(t, fam, r, out, a, model) for t, r in zip(tokens, rules)]
         print(f"{fam}: trained {len(files)} concepts in {time.time() - t0:.0f}s", flush=True)
-        alone = [judge_rates(model, judge, [f], [1.0], [q] + joint_prompts + class_prompts, a)
-                 for f, q in zip(files, solo_prompts)]
+        ratios.append((fam, *ratio(files)))
+        ceilings = [] if a.no_ceilings else joint_prompts + class_prompts
+        alone = [judge_rates(model, judge, [f], [1.0], [q] + ceilings, a) for f, q in zip(files, solo_prompts)]
         solo = [rate(v[q], lambda v, t=t: present(v, t)) for v, q, t in zip(alone, solo_prompts, tokens)]
-        solo_priors.append((fam, [[prior_ok(v[q], q) / max(base_prior[q], 1e-9) for q in class_prompts]
-                                  for v in alone]))
-        # what each adapter alone renders of its own concept on the joint prompts: the ceiling of joint success
-        solo_joint.append((fam, [[rate(v[q], lambda x, t=t: present(x, t)) for q in joint_prompts]
-                                 for v, t in zip(alone, tokens)]))
+        if ceilings:
+            solo_priors.append((fam, [[prior_ok(v[q], q) / max(base_prior[q], 1e-9) for q in class_prompts]
+                                      for v in alone]))
+            # what each adapter alone renders of its own concept on the joint prompts: the ceiling of joint success
+            solo_joint.append((fam, [[rate(v[q], lambda x, t=t: present(x, t)) for q in joint_prompts]
+                                     for v, t in zip(alone, tokens)]))
         inputs = [load_file(f, model.components(), model.arch) for f in files]
         names = sorted({n for i in inputs for n in i.layers})
         # regmean is fitted on one capture (seed 0) and every method is measured on another (seed 1)
@@ -234,18 +341,23 @@ def main() -> None:
                 print(f"  {fam}-{label} {q!r}: " + ", ".join(f"{k} {n}" for k, n in seen.most_common(4)), flush=True)
             rows.append((fam, label, solo, kept, joint_ok, prior, inter))
             print(rows[-1], flush=True)
-    lines = [f"Concepts {', '.join(tokens)}; {a.train_steps} training steps each; {a.per_prompt} samples per prompt; "
-             f"{a.sample_steps} sampler steps, guidance {a.guidance}.", "",
+    lines = [f"Concepts {', '.join(tokens)}; ranks {a.ranks}, scale {a.alpha_ratio or 1:g}"
+             f"{'' if a.text_encoder else ', U-Net only'}; {a.train_steps} training steps each, training seed "
+             f"{a.train_seed}; {a.per_prompt} samples per prompt from seed {a.seed}; {a.sample_steps} sampler steps, "
+             f"guidance {a.guidance}.", "",
+             "Rank × concepts / input width over the adapted layers: " + "; ".join(
+                 f"{fam} max {mx:.1%} ({layer}), median {med:.1%}" for fam, mx, layer, med in ratios) + ".", "",
              "| family | fusion | solo fidelity (adapter alone) | solo fidelity kept after fusion | joint success | "
              "prior kept (vs base) | interference (activations) |", "|---|---|---|---|---|---|---|"]
     fmt = lambda xs, pct=True: ", ".join(f"{x:.0%}" if pct else f"{x:.3f}" for x in xs) if xs else "-"
     for fam, label, solo, kept, joint_ok, prior, inter in rows:
         lines.append(f"| {fam} | {label} | {fmt(solo)} | {fmt(kept)} (min {min(kept):.0%}) | {fmt(joint_ok)} | "
                      f"{fmt(prior)} | {fmt([x for x in inter if x is not None], False)} |")
-    lines += ["", "Prior kept (vs base) under each adapter alone, per class prompt: " + "; ".join(
-        f"{fam} {t}: {fmt(ps)}" for fam, per in solo_priors for t, ps in zip(tokens, per)) + "."]
-    lines += ["", "Own concept present on the joint prompts under each adapter alone: " + "; ".join(
-        f"{fam} {t}: {fmt(js)}" for fam, per in solo_joint for t, js in zip(tokens, per)) + "."]
+    if solo_priors:
+        lines += ["", "Prior kept (vs base) under each adapter alone, per class prompt: " + "; ".join(
+            f"{fam} {t}: {fmt(ps)}" for fam, per in solo_priors for t, ps in zip(tokens, per)) + "."]
+        lines += ["", "Own concept present on the joint prompts under each adapter alone: " + "; ".join(
+            f"{fam} {t}: {fmt(js)}" for fam, per in solo_joint for t, js in zip(tokens, per)) + "."]
     lines.append("")
     lines.append("Per concept in the order given; joint prompts: " + ", ".join(joint_prompts or ["none"]) +
                  "; class prompts: " + ", ".join(class_prompts) + ".")

@@ -85,9 +85,12 @@ def cmd_sample(a) -> int:
     request = sample.SampleRequest(prompts=a.prompts, negative_prompt=a.negative, seed=a.seed, steps=a.steps,
                                    guidance=a.guidance, size=a.size, width=a.width, height=a.height,
                                    count=a.n, adapters=a.adapter, blocks=_block_specs(a.blocks, len(a.adapter)),
-                                   guidance_rescale=a.guidance_rescale, zero_terminal_snr=a.zero_terminal_snr)
+                                   guidance_rescale=a.guidance_rescale, zero_terminal_snr=a.zero_terminal_snr,
+                                   regions=a.region)
+    if a.region and not a.compose:
+        raise ValueError("--region places an adapter's phrase in composed sampling: add --compose")
     if a.compose:
-        compose.check(a.prompts, len(a.adapter))
+        compose.check(a.prompts, len(a.adapter), a.region)
         if any(request.blocks):
             raise ValueError("--blocks does not combine with --compose (composed sampling hooks whole files)")
     model = _load_model(a)
@@ -119,6 +122,9 @@ def _add_sample(sub) -> None:
     p.add_argument("--compose", action="store_true",
                    help="sample prompts whose concept phrases are bracketed, 'a [sks] star [in qtz style]', with each "
                         "--adapter (in order, or '[2:...]') applied only to its own phrase (composable diffusion)")
+    p.add_argument("--region", action="append", default=[], metavar="left|right|top|bottom|full|X0:Y0:X1:Y1",
+                   help="with --compose: where each --adapter's phrase acts, one per adapter in order (fractions of the "
+                        "image); e.g. '[a sks star] [an ohwx circle]' --region left --region right --width 128")
     _add_blocks_arg(p)
     _add_model_args(p)
     p.set_defaults(func=cmd_sample)
@@ -393,8 +399,8 @@ def _add_fuse(sub) -> None:
                    help="sum: weighted ΔW sum; orthogonal: keep each adapter off the others' dominant subspaces; "
                         "regmean: least-squares ΔW reproducing each concept's outputs; zip: ZipLoRA's learned "
                         "per-column merge, fitted so each concept's prompts denoise as with its adapter alone "
-                        "(needs --prompts) (default: sum; zip keeps each concept best, sum renders them together best, "
-                        "bench/RESULTS.md)")
+                        "(needs --prompts) (default: sum; zip keeps two concepts best and renders them together most often; "
+                        "no method keeps four: use sample --compose, bench/RESULTS.md)")
     p.add_argument("--weights", default=None, help="comma-separated strengths, one per adapter (default all 1)")
     p.add_argument("-o", "--out", required=True, help="output .safetensors (A1111 LoRA/LoCon)")
     p.add_argument("--rank", type=int, default=None, help="truncate each fused layer to this rank (error reported)")

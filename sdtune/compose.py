@@ -15,6 +15,18 @@ unconditional prediction, so one adapter on "a [sks] star" is plain sampling wit
 trained on "a circle in qtz style" may not carry over to "a sks star in qtz style", and a summed model inherits
 that; here every adapter only sees prompts like its training captions. The cost is 2K + 2 U-Net calls per step instead
 of 2, and there is no single file: A1111 and ComfyUI cannot reproduce it (``sdtune fuse`` makes one file).
+
+Regions (``SampleRequest.regions``, one per adapter) place each concept in its own box, MultiDiffusion-style
+(Bar-Tal et al. 2023, "MultiDiffusion: Fusing Diffusion Paths for Controlled Image Generation", region-based
+generation): adapter k denoises only its box's crop of the latent, as an image of its own, with its view (c) and the
+negative prompt (u); where boxes overlap their predictions are averaged (MultiDiffusion's closed-form fusion of the
+views), and the base model with the neutral prompt fills what no box covers:
+
+    c = Σ_k P_k[ ε̂_k(crop_k(z), view_k) ] / C + [C = 0] · ε̂_0(z, neutral)     (C: how many boxes cover a cell)
+
+Each subject is thus drawn where its box is, at the size of the box, however the base composes a whole canvas (the
+embedded base draws one object in the middle of any canvas). Boxes snap to the U-Net's multiple (8 latent cells on
+SD, 4 on the embedded model). Write the phrases as whole descriptions, "[a sks star] [an ohwx circle]".
 bench/RESULTS.md has the measured figures.
 """
 from __future__ import annotations
@@ -34,6 +46,40 @@ _PHRASE = re.compile(r"\[(?:(\d+):)?([^\[\]]*)\]")
 
 class ComposeError(ValueError):
     """A composed prompt that cannot be sampled with the adapters given."""
+
+
+# named regions as (x0, y0, x1, y1), fractions of the image's width and height
+REGIONS = {"full": (0.0, 0.0, 1.0, 1.0), "left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0),
+           "top": (0.0, 0.0, 1.0, 0.5), "bottom": (0.0, 0.5, 1.0, 1.0)}
+
+
+def region_box(spec: str | None) -> tuple[float, float, float, float]:
+    """A region as (x0, y0, x1, y1) fractions: a name of ``REGIONS`` or "X0:Y0:X1:Y1" (0 ≤ x0 < x1 ≤ 1, same for
+    y); None or "" is the whole image."""
+    if not spec:
+        return REGIONS["full"]
+    if spec in REGIONS:
+        return REGIONS[spec]
+    try:
+        box = tuple(float(v) for v in spec.split(":"))
+    except ValueError:
+        box = ()
+    if len(box) != 4 or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
+        raise ComposeError(f"region {spec!r}: expected one of {', '.join(REGIONS)} or X0:Y0:X1:Y1, fractions of "
+                           f"the image with X0 < X1 and Y0 < Y1")
+    return box
+
+
+def region_cells(spec: str | None, height: int, width: int, multiple: int) -> tuple[int, int, int, int]:
+    """``spec``'s box on a (height, width) latent as cells (y0, y1, x0, x1), its edges rounded to ``multiple`` (the
+    side multiple the U-Net needs, in latent cells); a ComposeError when less than one multiple is left."""
+    x0, y0, x1, y1 = region_box(spec)
+    snap = lambda f, n: min(n, round(f * n / multiple) * multiple)
+    cells = snap(y0, height), snap(y1, height), snap(x0, width), snap(x1, width)
+    if cells[1] - cells[0] < multiple or cells[3] - cells[2] < multiple:
+        raise ComposeError(f"region {spec or 'full'!r} is less than {multiple} latent cells on a side of a {width}×"
+                           f"{height} latent (the U-Net's multiple): make it or the image larger")
+    return cells
 
 
 @dataclass(frozen=True)
@@ -71,11 +117,16 @@ def parse(prompt: str, n_adapters: int) -> ComposedPrompt:
     return ComposedPrompt(keep("all"), keep(None), tuple((i, keep(k)) for k, i in enumerate(owners)))
 
 
-def check(prompts: list[str], n_adapters: int) -> dict[str, ComposedPrompt]:
+def check(prompts: list[str], n_adapters: int, regions: list[str | None] = ()) -> dict[str, ComposedPrompt]:
     """The composed prompts among ``prompts``, parsed; a ComposeError (before any model is loaded) where one cannot
-    be sampled with ``n_adapters`` adapters."""
+    be sampled with ``n_adapters`` adapters, or ``regions`` (none, or one per adapter) cannot be read."""
     if not n_adapters:
         raise ComposeError("composed sampling needs the adapters of the concepts the brackets mark: give them")
+    if regions and len(regions) != n_adapters:
+        raise ComposeError(f"{len(regions)} regions for {n_adapters} adapters: give one region per adapter "
+                           f"(full for the whole image)")
+    for r in regions:
+        region_box(r)
     return {p: parse(p, n_adapters) for p in prompts if is_composed(p)}
 
 
@@ -94,7 +145,7 @@ def generate(model, request: SampleRequest, *, progress: bool = True) -> list[Sa
     from .sample import generate as plain
     from .schedules import sampling_schedule
 
-    parsed = check(request.prompts, len(request.adapters))
+    parsed = check(request.prompts, len(request.adapters), request.regions)
     plain_prompts = [p for p in request.prompts if p not in parsed]
     by_prompt = {}
     if plain_prompts:
@@ -121,6 +172,7 @@ def _composed(model, hooks, cp: ComposedPrompt, prompt: str, request: SampleRequ
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
     from .data.dataset import Encoder, denoise
+    from .models import model_multiple
 
     pipe = model.pipeline
     encoder = Encoder(model, cache_latents=False, cache_text=False, device=pipe.unet.device)
@@ -135,23 +187,38 @@ def _composed(model, hooks, cp: ComposedPrompt, prompt: str, request: SampleRequ
         hidden, pooled = encoder.text([text])
         return mode, hidden.expand(n, -1, -1), None if pooled is None else pooled.expand(n, -1)
 
-    # (adapter or None, conditioning, coefficient): c and u as sums of Σ coefficient·ε̂(mode, text)
+    width, height = (d // pipe.vae_scale_factor for d in request.dims(model.resolution))
     k = len(cp.views)
-    cond = [(conditioning(i, view), 1.0) for i, view in cp.views] + [(conditioning(None, cp.neutral), 1.0 - k)]
-    uncond = [(conditioning(i, request.negative_prompt), 1.0) for i, _ in cp.views]
-    uncond.append((conditioning(None, request.negative_prompt), 1.0 - k))
+    if request.regions:   # each view on its box's crop; the base on the neutral prompt where no box is
+        multiple = model_multiple(pipe) // pipe.vae_scale_factor
+        boxes = {i: region_cells(request.regions[i], height, width, multiple) for i, _ in cp.views}
+        cover = torch.zeros(1, 1, height, width, device=pipe.unet.device, dtype=pipe.unet.dtype)
+        for y0, y1, x0, x1 in boxes.values():
+            cover[..., y0:y1, x0:x1] += 1
+        places, rest = boxes, (cover == 0).to(cover.dtype)
+    else:                 # (conditioning, coefficient): Σ coefficient·ε̂(mode, text), the base's 1 − K
+        places, rest, cover = {i: 1.0 for i, _ in cp.views}, 1.0 - k, None
+    cond = [(conditioning(i, view), places[i]) for i, view in cp.views] + [(conditioning(None, cp.neutral), rest)]
+    uncond = [(conditioning(i, request.negative_prompt), places[i]) for i, _ in cp.views]
+    uncond.append((conditioning(None, request.negative_prompt), rest))
+    # a term whose coefficient is 0 everywhere costs no U-Net call: the base's, for one adapter or boxes that tile
+    live = lambda terms: [(m, c) for m, c in terms if isinstance(c, tuple) or (c.any() if isinstance(c, Tensor) else c)]
+    cond, uncond = live(cond), live(uncond)
 
     def eps(terms, z: Tensor, t: Tensor) -> Tensor:
-        out = 0.0
-        for (mode, hidden, pooled), c in terms:
-            if c:   # one adapter: the base terms' coefficient is 0
-                use(mode)
-                out = out + c * denoise(model, z, t.expand(len(z)), hidden, pooled)
+        out = torch.zeros_like(z)
+        for (mode, hidden, pooled), where in terms:
+            use(mode)
+            if isinstance(where, tuple):   # a box: its crop denoised alone, averaged where boxes overlap
+                y0, y1, x0, x1 = where
+                crop = denoise(model, z[..., y0:y1, x0:x1], t.expand(len(z)), hidden, pooled)
+                out[..., y0:y1, x0:x1] += crop / cover[..., y0:y1, x0:x1]
+            else:
+                out += where * denoise(model, z, t.expand(len(z)), hidden, pooled)
         return out
 
     sched = pipe.scheduler
     sched.set_timesteps(request.steps)
-    width, height = (d // pipe.vae_scale_factor for d in request.dims(model.resolution))
     seeds = [request.seed + i for i in range(n)]
     z = torch.stack([torch.randn(pipe.unet.config.in_channels, height, width, generator=torch.Generator().manual_seed(s))
                      for s in seeds]).to(pipe.unet.device, pipe.unet.dtype) * sched.init_noise_sigma

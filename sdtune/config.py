@@ -228,7 +228,10 @@ _RULE_HELP = {
     "path": "auto | bypass | materialise (forward path; auto = cost rule)",
     "ortho_basis_seed": "LoCon: freeze `down` to rows of a seeded orthogonal basis shared by concepts (Orthogonal "
                         "Adaptation); unset = trained down",
-    "ortho_index": "LoCon with ortho_basis_seed: this concept's block of basis rows (one index per concept)",
+    "ortho_index": "LoCon with ortho_basis_seed: this concept's block of basis rows (one index per concept); with "
+                   "ortho_pick = 'random', the seed of its random rows",
+    "ortho_pick": "LoCon with ortho_basis_seed: block (rows [index·rank, (index+1)·rank), exactly orthogonal to "
+                  "other indices) | random (rows drawn from the whole basis: no agreed indices, wide layers)",
 }
 
 

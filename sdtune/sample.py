@@ -33,6 +33,8 @@ class SampleRequest:
     guidance_rescale: float = 0.0  # φ of Lin et al. 2024 §3.4: mix of the guided prediction rescaled to the
     #                                conditional one's standard deviation (0.7 suits zero-terminal-SNR models)
     zero_terminal_snr: bool = False  # sample with zero-terminal-SNR betas and trailing timesteps (``schedules``)
+    regions: list[str | None] = field(default_factory=list)  # composed sampling: per adapter, where its phrase acts
+    #                                                           ("left", "0:0:0.5:1", ...; ``compose.region_box``)
 
     def __post_init__(self) -> None:
         if not self.prompts or any(not isinstance(p, str) for p in self.prompts):
@@ -126,6 +128,8 @@ def png_info(request: SampleRequest, sample: Sample, model_source: str, composed
               "adapters": [{"file": f, "weight": w} | ({"blocks": request.blocks[i]} if i < len(request.blocks)
                                                          and request.blocks[i] else {})
                            for i, (f, w) in enumerate(request.adapters)], "composed": composed}
+    if composed and any(request.regions):
+        params["regions"] = list(request.regions)
     info.add_text("sdtune", json.dumps(params))
     info.add_text("parameters", f"{sample.prompt}\nNegative prompt: {request.negative_prompt}\n"
                                 f"Steps: {request.steps}, CFG scale: {request.guidance}, Seed: {sample.seed}"

@@ -181,6 +181,50 @@ def test_ortho_locon_down_rows_come_from_one_basis(comps):
     assert torch.allclose(downs[0] @ downs[0].T, torch.eye(3, dtype=torch.float64) / 3, atol=1e-6)
 
 
+def test_fuse_says_whether_the_inputs_were_trained_orthogonal(comps, tmp_path):
+    """The report reads the inputs' training rules: disjoint blocks of one basis, one block used twice, two bases."""
+    def write(name, **ortho):
+        path = tmp_path / f"{name}.safetensors"
+        write_adapter(comps, path, [("te", AdapterSpec("locon", rank=2, **ortho))], len(name), size=0.2)
+        return path
+
+    a, b = write("a", ortho_basis_seed=4, ortho_index=0), write("b", ortho_basis_seed=4, ortho_index=1)
+    twin, other, free = write("twin", ortho_basis_seed=4, ortho_index=1), write("other", ortho_basis_seed=9), \
+        write("free")
+    report = fusion.format_report(fusion.fuse(load(a, b, free), "sum"), per_layer=False)
+    assert "note: 2 inputs trained on disjoint blocks of one orthogonal basis" in report
+    clash = fusion.fuse(load(a, b, twin), "sum").notes
+    assert clash == ["b and twin were trained on the same block (ortho_index 1) of basis 4: they share input "
+                     "directions; retrain one with another ortho_index"]
+    assert "different bases" in fusion.fuse(load(a, other), "sum").notes[0]
+    assert fusion.fuse(load(a, free), "sum").notes == []
+
+
+def test_ortho_random_picks_share_one_basis_and_collide_only_where_their_draws_do(comps):
+    """The paper's uncoordinated form: rows drawn from one basis; two concepts' rows are orthogonal except the ones
+    both drew, which are identical; the draw is reproducible from (seed, pick)."""
+    from sdtune.adapters.functional import orthogonal_basis_pick
+
+    a, b = orthogonal_basis_pick(16, 6, seed=3, pick=1), orthogonal_basis_pick(16, 6, seed=3, pick=2)
+    assert torch.allclose(a @ a.T, torch.eye(6, dtype=torch.float64), atol=1e-12)
+    gram = (a @ b.T).abs()
+    shared = int((gram > 1 - 1e-9).sum())
+    rows_a = set(torch.randperm(16, generator=torch.Generator().manual_seed(1))[:6].tolist())
+    rows_b = set(torch.randperm(16, generator=torch.Generator().manual_seed(2))[:6].tolist())
+    assert shared == len(rows_a & rows_b) and 0 < shared < 6        # these draws do collide (6·6/16 expected ~2)
+    assert ((gram < 1e-9) | (gram > 1 - 1e-9)).all()                # every other pair exactly orthogonal
+    assert torch.equal(orthogonal_basis_pick(16, 6, seed=3, pick=1), a)
+    spec = AdapterSpec("locon", rank=2, ortho_basis_seed=5, ortho_index=12345, ortho_pick="random")
+    inj = attach(comps, [("attn", spec)], "sd1")      # any index: no block has to fit the layer
+    try:
+        down = next(iter(inj.adapters.values())).lora.down.flatten(1).double()
+        assert torch.allclose(down @ down.T, torch.eye(2, dtype=torch.float64) / 3, atol=1e-6)
+    finally:
+        inj.detach()
+    with pytest.raises(ValueError, match="ortho_pick"):
+        AdapterSpec("locon", ortho_pick="random")
+
+
 # --- orthogonal vs sum -----------------------------------------------------------------------------------
 def test_orthogonal_and_regmean_beat_sum_on_overlapping_adapters(pair):
     d, _, _ = pair

@@ -194,6 +194,15 @@ def test_sample_composed_puts_each_adapter_on_its_phrase(studio, tiny_model, tmp
     assert json.loads(Image.open(paths[0]).text["sdtune"])["composed"] is True
     with pytest.raises(Refused, match="among 1..2"):
         studio.sample("a [sks] star [3:in qtz style]", "", 0, 2, 5.0, 0, 1, names, "", True)
+    # regions: one per adapter, side by side on a wider canvas
+    regional = studio.sample("[a sks star] [a star in qtz style]", "", 0, 1, 5.0, 0, 1, names, "", True,
+                             regions="left, right", width=128)["images"]
+    png = Image.open(regional[0])
+    assert png.size == (128, 64) and json.loads(png.text["sdtune"])["regions"] == ["left", "right"]
+    for regions, composed, why in (("left, right", False, "tick Compose"), ("left", True, "one region per adapter"),
+                                   ("left, middle", True, "X0:Y0:X1:Y1")):
+        with pytest.raises(Refused, match=why):
+            studio.sample("[a sks star] [a star]", "", 0, 1, 5.0, 0, 1, names, "", composed, regions=regions)
 
 
 def test_sample_shows_which_blocks_the_block_weights_changed(studio, tiny_model, tmp_path):

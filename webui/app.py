@@ -152,7 +152,7 @@ def build_app(workspace: Path, model_source=None, max_pixels: int = DEFAULT_MAX_
                     blend_weights = gr.Textbox(label="Weights (one per adapter, blank = all 1.0)",
                                                placeholder="1.0, 0.8")
                 with gr.Row():
-                    method = gr.Radio(list(METHODS), value="sum", label="Fusion method (zip needs prompts)")
+                    method = gr.Radio(list(METHODS), value="sum", label="Fusion method (zip: best for two concepts, needs prompts)")
                     blend_name = gr.Textbox("blend", label="Output name", elem_id="blend-name")
                     merged = gr.Checkbox(False, label="also write a merged checkpoint (base + blend)")
                 blend_prompts = gr.Textbox(label="Concept prompts: one line per adapter, ';' between several "
@@ -184,11 +184,16 @@ def build_app(workspace: Path, model_source=None, max_pixels: int = DEFAULT_MAX_
                                                elem_id="sample-compose")
                         sample_blocks = gr.Textbox(label="Block weights (A1111 notation, blank = none)",
                                                    placeholder="MIDD or mid_block=0,te=0.5", elem_id="sample-blocks")
+                        sample_regions = gr.Textbox(label="Compose regions, one per adapter (left, right, top, bottom, "
+                                                          "full or x0:y0:x1:y1; blank = whole image)",
+                                                    placeholder="left, right", elem_id="sample-regions")
                     with gr.Column():
                         sample_seed = gr.Number(0, label="Seed", precision=0)
                         sample_steps = gr.Slider(1, 150, 20, step=1, label="Steps", elem_id="sample-steps")
                         guidance = gr.Slider(1, 15, 5, step=0.5, label="Guidance")
                         size = gr.Number(0, label="Size in pixels (0 = the model's)", precision=0)
+                        sample_width = gr.Number(0, label="Width in pixels (0 = the size; e.g. 128 for two regions "
+                                                          "side by side)", precision=0, elem_id="sample-width")
                         count = gr.Slider(1, 16, 4, step=1, label="Images per prompt", elem_id="sample-count")
                 sample_btn = gr.Button("Generate", variant="primary", elem_id="sample-run")
                 gallery = gr.Gallery(label="Samples (PNG metadata: prompt, seed, adapters)", columns=4,
@@ -256,7 +261,8 @@ def build_app(workspace: Path, model_source=None, max_pixels: int = DEFAULT_MAX_
             return out["images"], out["blocks"]
 
         sample_btn.click(on_sample, [prompt, negative, sample_seed, sample_steps, guidance, size, count, sample_pick,
-                                     sample_weights, composed, sample_blocks], [gallery, sample_moved])
+                                     sample_weights, composed, sample_blocks, sample_regions, sample_width],
+                         [gallery, sample_moved])
 
         chosen.change(guarded(studio.library_details), chosen, details)
 

@@ -144,11 +144,12 @@ class Studio:
 
     # --------------------------------------------------------------------------------------------- sample
     def sample(self, prompt: str, negative: str, seed: int, steps: int, guidance: float, size: int | None,
-               count: int, names: list[str] | None, weights: str, composed: bool = False, blocks: str = ""
-               ) -> dict:
+               count: int, names: list[str] | None, weights: str, composed: bool = False, blocks: str = "",
+               regions: str = "", width: int | None = None) -> dict:
         """Generate with any number of library adapters applied at their weights (``composed``: prompts with
-        bracketed phrases get each adapter on its own phrase, ``sdtune.compose``; ``blocks``: block weights for
-        every adapter, ``sdtune.blocks``); the PNGs (with metadata: prompt, seed, adapters) are written to
+        bracketed phrases get each adapter on its own phrase, ``sdtune.compose``, inside its region when
+        ``regions`` gives one per adapter, comma-separated; ``blocks``: block weights for every adapter,
+        ``sdtune.blocks``; ``width``: overrides ``size`` for the width); the PNGs (with metadata: prompt, seed, adapters) are written to
         samples/<stamp>/. Returns {"images": their paths, "blocks": which blocks the block weights changed in each
         adapter (``block_summary``, as the Blend tab shows it; empty without a spec)}."""
         prompts = [p.strip() for p in (prompt or "").splitlines() if p.strip()]
@@ -156,18 +157,22 @@ class Studio:
             raise Refused("write a prompt (one per line for several)")
         if not (1 <= int(count) <= MAX_COUNT and 1 <= int(steps) <= MAX_STEPS):
             raise Refused(f"count must be 1–{MAX_COUNT} and steps 1–{MAX_STEPS}")
-        if size and not (8 <= int(size) <= MAX_SIZE):
-            raise Refused(f"size must be 8–{MAX_SIZE} pixels")
+        for name, v in (("size", size), ("width", width)):
+            if v and not (8 <= int(v) <= MAX_SIZE):
+                raise Refused(f"{name} must be 8–{MAX_SIZE} pixels")
+        region_list = [r.strip() or None for r in (regions or "").split(",")] if (regions or "").strip() else []
+        if region_list and not composed:
+            raise Refused("regions place each adapter's phrase in composed sampling: tick Compose")
         names = list(names or [])
         paths = [self.ws.adapter(n) for n in names]
         ws_ = parse_weights(weights, len(paths))
         try:
             request = SampleRequest(prompts, negative or "", int(seed), int(steps), float(guidance),
-                                    size=int(size) if size else None, count=int(count),
-                                    adapters=[(str(p), w) for p, w in zip(paths, ws_)],
-                                    blocks=[(blocks or "").strip() or None] * len(paths))
+                                    size=int(size) if size else None, width=int(width) if width else None,
+                                    count=int(count), adapters=[(str(p), w) for p, w in zip(paths, ws_)],
+                                    blocks=[(blocks or "").strip() or None] * len(paths), regions=region_list)
             if composed:
-                compose.check(prompts, len(paths))
+                compose.check(prompts, len(paths), region_list)
                 if any(request.blocks):
                     raise ValueError("block weights do not combine with Compose")
         except ValueError as e:

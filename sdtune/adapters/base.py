@@ -25,6 +25,7 @@ _CHOICES = {
     "dora_axis": ("in", "out"),
     "spectral_mode": ("additive", "rotational"),
     "path": ("auto", "bypass", "materialise"),
+    "ortho_pick": ("block", "random"),
 }
 
 
@@ -47,6 +48,10 @@ class AdapterSpec:
         ``down`` is frozen (not trained) to rows [k·r, (k+1)·r) (k = ortho_index) of one seeded random orthogonal
         basis of R^{fan_in}; concepts trained with the same seed and different indices have mutually orthogonal
         input subspaces, so their ΔW fuse by a plain sum (plain LoCon, not Tucker or DoRA).
+        ``ortho_pick`` "random" is the paper's uncoordinated form: the r rows are drawn at random from the whole
+        basis (``functional.orthogonal_basis_pick``, the draw seeded by ortho_index, any integer, e.g. a concept's
+        own ID), so concepts trained apart need no agreed blocks; two concepts share a row with probability about
+        r²/fan_in per layer, which is why it needs wide layers.
     """
 
     algorithm: str = "locon"
@@ -63,6 +68,7 @@ class AdapterSpec:
     path: str = "auto"
     ortho_basis_seed: int | None = None
     ortho_index: int = 0
+    ortho_pick: str = "block"
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> ValueError:
@@ -115,6 +121,8 @@ class AdapterSpec:
                       "(algorithm='locon', tucker=False)")
         if self.ortho_index and self.ortho_basis_seed is None:
             raise bad("ortho_index", "needs ortho_basis_seed (the shared basis it indexes)")
+        if self.ortho_pick != "block" and self.ortho_basis_seed is None:
+            raise bad("ortho_pick", "needs ortho_basis_seed (the shared basis it picks from)")
 
     @property
     def lora_scale(self) -> float:

@@ -243,3 +243,18 @@ def orthogonal_basis_rows(dim: int, start: int, count: int, seed: int) -> Tensor
             v = v - rows[:j].T @ (rows[:j] @ v)
         rows[j] = v / v.norm()
     return rows[start:]
+
+
+def orthogonal_basis_pick(dim: int, count: int, seed: int, pick: int) -> Tensor:
+    """``count`` rows drawn at random (the draw seeded by ``pick``) from one seeded random orthogonal basis of R^dim
+    (float64, (count, dim)): the uncoordinated form of Orthogonal Adaptation's shared basis (Po et al. 2024, the
+    "randomized orthogonal basis"). The basis is Q of the QR decomposition of a seeded Gaussian (dim, dim), signs
+    fixed by R's diagonal so that it is unique; two picks share a row only where their draws collide.
+    """
+    if not 1 <= count <= dim:
+        raise ValueError(f"orthogonal_basis_pick: {count} rows do not fit a basis of R^{dim}")
+    gauss = torch.randn(dim, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    q, r = torch.linalg.qr(gauss)
+    basis = (q * torch.sign(torch.diagonal(r))).T
+    rows = torch.randperm(dim, generator=torch.Generator().manual_seed(pick))[:count]
+    return basis[rows]

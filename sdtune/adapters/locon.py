@@ -7,6 +7,7 @@ Trainable parameters: r·(out + in·kh·kw) plain; r·(out + in) + r²·kh·kw T
 Orthogonal LoCon (``spec.ortho_basis_seed``): ``down`` is a frozen buffer, rows [k·r, (k+1)·r) of a seeded random
 orthogonal basis of R^{in·kh·kw} (``functional.orthogonal_basis_rows``) scaled by 1/√3, the row norm kaiming-uniform
 gives (variance 1/(3·fan_in) per entry), so training behaves as plain LoCon's; trainable parameters r·out.
+With ``spec.ortho_pick`` "random" the r rows are drawn from the whole basis instead (``orthogonal_basis_pick``).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def _kaiming(shape: tuple[int, ...], like: Tensor) -> nn.Parameter:
 
 
 def validate(info: LayerInfo, spec: AdapterSpec, name: str) -> None:
-    if spec.ortho_basis_seed is not None:
+    if spec.ortho_basis_seed is not None and spec.ortho_pick == "block":
         check_rank(name, f"orthogonal LoCon index {spec.ortho_index} needs (ortho_index+1)·rank =",
                    (spec.ortho_index + 1) * spec.rank, info.fan_in)
     tucker = spec.tucker and info.spatial
@@ -44,7 +45,9 @@ class LoCon(LowRank):
             self.down = _kaiming((r, info.inp), weight)
             self.mid = _kaiming((r, r, *info.kernel), weight)
         elif spec.ortho_basis_seed is not None:
-            rows = Fn.orthogonal_basis_rows(info.fan_in, spec.ortho_index * r, r, spec.ortho_basis_seed)
+            rows = Fn.orthogonal_basis_rows(info.fan_in, spec.ortho_index * r, r, spec.ortho_basis_seed) \
+                if spec.ortho_pick == "block" else \
+                Fn.orthogonal_basis_pick(info.fan_in, r, spec.ortho_basis_seed, spec.ortho_index)
             self.register_buffer("down", (rows / math.sqrt(3)).reshape(r, *weight.shape[1:])
                                  .to(device=weight.device, dtype=weight.dtype))
             self.mid = None

@@ -144,6 +144,48 @@ def check_compatible(inputs: Sequence[LoadedFile]) -> str:
     return first["arch"].arch
 
 
+def _ortho_keys(inp: LoadedFile) -> set[tuple[int, str, int]] | None:
+    """{(ortho_basis_seed, ortho_pick, ortho_index)} of a file's orthogonal-LoCon rules (from sdtune's
+    ``sdtune_rules`` metadata), empty when it has none, None when the file does not say (not trained by sdtune)."""
+    rules = inp.metadata.get("sdtune_rules")
+    if not rules:
+        return None
+    try:
+        specs = [spec for _, spec in json.loads(rules)]
+    except (ValueError, TypeError):
+        return None
+    return {(s["ortho_basis_seed"], s.get("ortho_pick", "block"), s.get("ortho_index", 0))
+            for s in specs if isinstance(s, dict) and s.get("ortho_basis_seed") is not None}
+
+
+def basis_notes(inputs: Sequence[LoadedFile]) -> list[str]:
+    """What training with Orthogonal Adaptation's shared basis (``AdapterSpec.ortho_basis_seed``) says about fusing
+    these inputs: disjoint blocks of one basis are exactly orthogonal on their input side, so ``sum`` fuses them
+    without crosstalk; one block used twice, or different bases, are not."""
+    keys = [_ortho_keys(i) for i in inputs]
+    trained = [(inp, k) for inp, k in zip(inputs, keys) if k]
+    if len(trained) < 2:
+        return []
+    notes = []
+    if len({key[:2] for _, k in trained for key in k}) > 1:
+        notes.append("orthogonal-basis inputs use different bases or picks (ortho_basis_seed / ortho_pick): "
+                     "their input spaces are not orthogonal; train every concept on one seed and one pick")
+    for x in range(len(trained)):
+        for y in range(x + 1, len(trained)):
+            (a, ka), (b, kb) = trained[x], trained[y]
+            for seed, pick, index in sorted(ka & kb):
+                if pick == "block":
+                    notes.append(f"{a.label} and {b.label} were trained on the same block (ortho_index {index}) of "
+                                 f"basis {seed}: they share input directions; retrain one with another ortho_index")
+    if not notes:
+        kinds = sorted({pick for _, k in trained for _, pick, _ in k})
+        notes.append(f"{len(trained)} inputs trained on " + ("disjoint blocks of one orthogonal basis: exactly "
+                     "orthogonal input spaces, sum fuses them without crosstalk on those layers" if kinds == ["block"]
+                     else "rows drawn at random from one orthogonal basis: orthogonal except where two draws "
+                          "coincide (about rank²/width of a layer's rows); sum fuses them"))
+    return notes
+
+
 # ----------------------------------------------------------------------------------------------------- fuse
 
 @dataclass
@@ -166,6 +208,7 @@ class FusionResult:
     fused: dict[str, Factors] = field(default_factory=dict)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     layers: list[LayerReport] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)   # what the inputs' training says about fusing them (basis_notes)
 
     def delta(self, name: str) -> Tensor:
         """The fused ΔW of a layer in the weight's shape (float64)."""
@@ -213,7 +256,7 @@ def fuse(inputs: Sequence[LoadedFile], method: str | FuseOptions = "sum", weight
         raise FusionError(f"{len(activations)} activation sets for {len(inputs)} inputs")
     arch = check_compatible(inputs)
     result = FusionResult(method, asdict(options), [i.label for i in inputs], weights, arch,
-                          "activations" if activations is not None else "row-space")
+                          "activations" if activations is not None else "row-space", notes=basis_notes(inputs))
     gen = torch.Generator().manual_seed(seed)
     names = list(dict.fromkeys(n for inp in inputs for n in inp.layers))
     for name in names:
@@ -359,7 +402,8 @@ def format_report(result: FusionResult, per_layer: bool = True) -> str:
             ", ".join(f"{lab}×{w:g}" for lab, w in zip(result.labels, result.weights)),
             "interference ‖W_fused·x − W_i·x‖/‖ΔW_i·x‖ on x from "
             + ("each concept's captured activations" if result.x_source == "activations"
-               else "random inputs in each adapter's own row space (no activations given)")]
+               else "random inputs in each adapter's own row space (no activations given)")] \
+        + [f"note: {n}" for n in result.notes]
     cols = ["layer", "rank", "refactor err"] + [f"{lab}: interf/kept" for lab in result.labels]
     rows = []
     for r in result.layers if per_layer else []:

@@ -1,0 +1,60 @@
+"""bench/bench_fusion.py's ratio plumbing (issue 22): ranks by block width and the rank × concepts / width report.
+The bench's figures themselves are in bench/RESULTS.md; here only what decides which regime they were measured in."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from helpers_adapters import write_adapter
+
+from sdtune.adapters import AdapterSpec
+from sdtune.config import from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_fusion", ROOT / "bench" / "bench_fusion.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_width_ranks_hold_one_ratio_per_block(bench, tiny_model):
+    """Block widths 32/64/128: one rank per 32 input channels; ResNet blocks go by the width entering them."""
+    ranks = bench.width_ranks(tiny_model, 1)
+    assert ranks["attn"] == {"down_blocks.0": 1, "down_blocks.1": 2, "down_blocks.2": 4, "mid_block": 4,
+                             "up_blocks.0": 4, "up_blocks.1": 2, "up_blocks.2": 1}
+    assert ranks["resnet"]["down_blocks.1"] == 1 and ranks["resnet"]["down_blocks.2"] == 2
+    assert bench.width_ranks(tiny_model, 2)["attn"]["mid_block"] == 8
+
+
+def test_adapter_rules_are_a_valid_config_and_carry_the_scale(bench, tiny_model, tmp_path):
+    class Args:
+        ranks, alpha_ratio, text_encoder = "width:1", 2.0, True
+
+    rules = bench.adapter_rules({"algorithm": "locon", "ortho_basis_seed": 0, "ortho_index": 3}, Args, tiny_model)
+    assert all(r["alpha"] == 2 * r["rank"] for r in rules) and rules[-1]["preset"] == "te"
+    config = from_dict({"data": {"instance_dir": str(tmp_path)}, "adapters": rules,
+                        "train": {"train_text_encoder": True, "steps": 1}})
+    assert [r.rank for r in config.adapters] == [r["rank"] for r in rules]
+    Args.ranks, Args.alpha_ratio = "8", None
+    assert [(r["preset"], r["rank"]) for r in bench.adapter_rules({"algorithm": "locon"}, Args, tiny_model)] == \
+        [("attn", 8), ("resnet", 8), ("te", 8)]
+    Args.text_encoder = False           # --no-text-encoder: U-Net rules only
+    assert [r["preset"] for r in bench.adapter_rules({"algorithm": "locon"}, Args, tiny_model)] == ["attn", "resnet"]
+
+
+def test_ratio_is_rank_times_concepts_over_input_width(bench, tiny_model, tmp_path):
+    comps = tiny_model.components()
+    torch.manual_seed(0)
+    files = []
+    for k, rank in enumerate((2, 4)):
+        write_adapter(comps, tmp_path / f"{k}.safetensors", [("te", AdapterSpec("locon", rank=rank))], k)
+        files.append(tmp_path / f"{k}.safetensors")
+    worst, layer, median = bench.ratio(files)
+    # text-encoder widths: 128 (q/k/v/out, fc1) and 512 (fc2): (2 + 4) / 128 at most, (2 + 4) / 512 at least
+    assert worst == pytest.approx(6 / 128) and "mlp_fc2" not in layer and median == pytest.approx(6 / 128)
