@@ -399,7 +399,7 @@ def _add_fuse(sub) -> None:
                    help="sum: weighted ΔW sum; orthogonal: keep each adapter off the others' dominant subspaces; "
                         "regmean: least-squares ΔW reproducing each concept's outputs; zip: ZipLoRA's learned "
                         "per-column merge, fitted so each concept's prompts denoise as with its adapter alone "
-                        "(needs --prompts) (default: sum; zip keeps two concepts best and renders them together most often; "
+                        "(needs --prompts) (default: sum; zip keeps two concepts and the prior best; "
                         "no method keeps four: use sample --compose, bench/RESULTS.md)")
     p.add_argument("--weights", default=None, help="comma-separated strengths, one per adapter (default all 1)")
     p.add_argument("-o", "--out", required=True, help="output .safetensors (A1111 LoRA/LoCon)")

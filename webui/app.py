@@ -152,7 +152,7 @@ def build_app(workspace: Path, model_source=None, max_pixels: int = DEFAULT_MAX_
                     blend_weights = gr.Textbox(label="Weights (one per adapter, blank = all 1.0)",
                                                placeholder="1.0, 0.8")
                 with gr.Row():
-                    method = gr.Radio(list(METHODS), value="sum", label="Fusion method (zip: best for two concepts, needs prompts)")
+                    method = gr.Radio(list(METHODS), value="sum", label="Fusion method (zip: keeps two concepts best, needs prompts)")
                     blend_name = gr.Textbox("blend", label="Output name", elem_id="blend-name")
                     merged = gr.Checkbox(False, label="also write a merged checkpoint (base + blend)")
                 blend_prompts = gr.Textbox(label="Concept prompts: one line per adapter, ';' between several "
