@@ -16,7 +16,8 @@ Methods, each with its options dataclass (``OPTIONS``; a method's name alone mea
               base model and one prompt set per input (``zip_merger``). Exact rank Σ r_i (the merger only rescales
               ``down``).
 A layer that only one input adapts passes through unchanged (w·ΔW) for every method. Train-time orthogonal
-adapters (Spectral in distinct slots, LoCon with ``ortho_basis_seed``) need no method: fuse them with ``sum``.
+adapters (Spectral in distinct slots, LoCon with ``ortho_basis_seed``) are fused with ``sum``: their weights do not
+overlap, but their crosstalk on real activations can (bench/RESULTS.md measures it).
 
 Interference of input i on a layer: ‖W_fused·x − W_i·x‖ / ‖ΔW_i·x‖ over x from concept i's captured activations
 (``fusion.capture``: forward pre-hooks while the *base* model denoises concept i's prompts; upstream adapters are not
@@ -160,8 +161,9 @@ def _ortho_keys(inp: LoadedFile) -> set[tuple[int, str, int]] | None:
 
 def basis_notes(inputs: Sequence[LoadedFile]) -> list[str]:
     """What training with Orthogonal Adaptation's shared basis (``AdapterSpec.ortho_basis_seed``) says about fusing
-    these inputs: disjoint blocks of one basis are exactly orthogonal on their input side, so ``sum`` fuses them
-    without crosstalk; one block used twice, or different bases, are not."""
+    these inputs: disjoint blocks of one basis have exactly orthogonal down factors (the weights do not overlap,
+    though the crosstalk ΔW_j·x_i on real activations can still be large: the interference figures say); one block
+    used twice, or different bases, overlap."""
     keys = [_ortho_keys(i) for i in inputs]
     trained = [(inp, k) for inp, k in zip(inputs, keys) if k]
     if len(trained) < 2:
@@ -180,9 +182,9 @@ def basis_notes(inputs: Sequence[LoadedFile]) -> list[str]:
     if not notes:
         kinds = sorted({pick for _, k in trained for _, pick, _ in k})
         notes.append(f"{len(trained)} inputs trained on " + ("disjoint blocks of one orthogonal basis: exactly "
-                     "orthogonal input spaces, sum fuses them without crosstalk on those layers" if kinds == ["block"]
-                     else "rows drawn at random from one orthogonal basis: orthogonal except where two draws "
-                          "coincide (about rank²/width of a layer's rows); sum fuses them"))
+                     "orthogonal down factors" if kinds == ["block"] else "rows drawn at random from one orthogonal "
+                     "basis: orthogonal down factors except where two draws coincide (about rank²/width of a "
+                     "layer's rows)") + "; their crosstalk on each concept's activations is the interference below")
     return notes
 
 
