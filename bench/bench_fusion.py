@@ -32,6 +32,7 @@ Writes ``<out>/RESULTS.md`` (a markdown table) and prints it.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -119,11 +120,8 @@ def ratio(files: list[Path]) -> tuple[float, str, float]:
             for k in h.keys():
                 if k.endswith(".lora_down.weight"):
                     shape = h.get_slice(k).get_shape()
-                    fan_in = 1
-                    for d in shape[1:]:
-                        fan_in *= d
                     name = k[: -len(".lora_down.weight")]
-                    per_layer[name] = per_layer.get(name, 0.0) + shape[0] / fan_in
+                    per_layer[name] = per_layer.get(name, 0.0) + shape[0] / math.prod(shape[1:])
     worst = max(per_layer, key=per_layer.get)
     values = sorted(per_layer.values())
     return per_layer[worst], worst, values[len(values) // 2]

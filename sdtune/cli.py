@@ -87,12 +87,7 @@ def cmd_sample(a) -> int:
                                    count=a.n, adapters=a.adapter, blocks=_block_specs(a.blocks, len(a.adapter)),
                                    guidance_rescale=a.guidance_rescale, zero_terminal_snr=a.zero_terminal_snr,
                                    regions=a.region)
-    if a.region and not a.compose:
-        raise ValueError("--region places an adapter's phrase in composed sampling: add --compose")
-    if a.compose:
-        compose.check(a.prompts, len(a.adapter), a.region)
-        if any(request.blocks):
-            raise ValueError("--blocks does not combine with --compose (composed sampling hooks whole files)")
+    compose.check_request(request, a.compose)
     model = _load_model(a)
     samples = compose.run(model, request, composed=a.compose)
     written = sample.save_samples(samples, request, a.out, model.source, composed=a.compose)

@@ -130,6 +130,19 @@ def check(prompts: list[str], n_adapters: int, regions: list[str | None] = ()) -
     return {p: parse(p, n_adapters) for p in prompts if is_composed(p)}
 
 
+def check_request(request: SampleRequest, composed: bool) -> None:
+    """Every check a sampling request gets about composition, before a model is loaded (the CLI and the web UI):
+    regions only with composed sampling; with it, ``check`` and no block weights (it hooks whole files)."""
+    if not composed:
+        if any(request.regions):
+            raise ComposeError("regions place each adapter's phrase in composed sampling: turn it on (--compose; "
+                               "Compose in the web UI)")
+        return
+    check(request.prompts, len(request.adapters), request.regions)
+    if any(request.blocks):
+        raise ComposeError("block weights do not combine with composed sampling (it hooks whole files)")
+
+
 def run(model, request: SampleRequest, *, composed: bool, progress: bool = True) -> list[Sample]:
     """:func:`generate` when ``composed``, else ``sample.generate``: the one switch the CLI, the web UI and the
     benches share."""

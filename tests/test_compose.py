@@ -215,6 +215,8 @@ def test_cli_sample_regions(adapters, tmp_path, capsys):
     png = Image.open(next((tmp_path / "out").glob("0*.png")))
     assert png.size == (128, 64) and json.loads(png.text["sdtune"])["regions"] == ["left", "0.5:0:1:1"]
     assert main(["sample", *common, "--region", "left", "--region", "right", "-o", str(tmp_path / "bad")]) == 2
-    assert "add --compose" in capsys.readouterr().err
+    assert "turn it on (--compose" in capsys.readouterr().err
     assert main(["sample", *common, "--compose", "--region", "left", "-o", str(tmp_path / "bad")]) == 2
     assert "one region per adapter" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(["sample", *common, "--compose", "--blocks", "MIDD", "-o", str(tmp_path / "bad")]) == 2
+    assert "do not combine with composed sampling" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -199,7 +199,7 @@ def test_sample_composed_puts_each_adapter_on_its_phrase(studio, tiny_model, tmp
                              regions="left, right", width=128)["images"]
     png = Image.open(regional[0])
     assert png.size == (128, 64) and json.loads(png.text["sdtune"])["regions"] == ["left", "right"]
-    for regions, composed, why in (("left, right", False, "tick Compose"), ("left", True, "one region per adapter"),
+    for regions, composed, why in (("left, right", False, "Compose in the web UI"), ("left", True, "one region per adapter"),
                                    ("left, middle", True, "X0:Y0:X1:Y1")):
         with pytest.raises(Refused, match=why):
             studio.sample("[a sks star] [a star]", "", 0, 1, 5.0, 0, 1, names, "", composed, regions=regions)

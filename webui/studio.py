@@ -161,8 +161,6 @@ class Studio:
             if v and not (8 <= int(v) <= MAX_SIZE):
                 raise Refused(f"{name} must be 8–{MAX_SIZE} pixels")
         region_list = [r.strip() or None for r in (regions or "").split(",")] if (regions or "").strip() else []
-        if region_list and not composed:
-            raise Refused("regions place each adapter's phrase in composed sampling: tick Compose")
         names = list(names or [])
         paths = [self.ws.adapter(n) for n in names]
         ws_ = parse_weights(weights, len(paths))
@@ -171,10 +169,7 @@ class Studio:
                                     size=int(size) if size else None, width=int(width) if width else None,
                                     count=int(count), adapters=[(str(p), w) for p, w in zip(paths, ws_)],
                                     blocks=[(blocks or "").strip() or None] * len(paths), regions=region_list)
-            if composed:
-                compose.check(prompts, len(paths), region_list)
-                if any(request.blocks):
-                    raise ValueError("block weights do not combine with Compose")
+            compose.check_request(request, composed)
         except ValueError as e:
             raise Refused(str(e)) from None
         with self._lock:
