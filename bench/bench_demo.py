@@ -1,6 +1,7 @@
 """Concept fidelity and prior preservation of a trained DreamBooth adapter, judged on the toy world.
 
     python bench/bench_demo.py outputs/demo/adapter.safetensors --token sks [--n 32]
+    python bench/bench_demo.py outputs/demo-sdxl/adapter.safetensors --model assets/tiny-sdxl   # the SDXL demo
 
 Samples ``n`` images of "a <token> <class>" and of the class prompt "a <class>", with the base model and with
 the adapter applied, and reports: concept fidelity (the judge sees the concept), and prior preservation (the
@@ -31,8 +32,9 @@ def main() -> None:
     p.add_argument("--token", default="sks")
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--seed", type=int, default=500, help="first sampling seed (each sample takes the next one)")
+    p.add_argument("--model", default=None, help="the base the adapter was trained on (default: the embedded SD1 base)")
     a = p.parse_args()
-    model, judge = load(), J.load()
+    model, judge = load(a.model), J.load()
     cls = tw.concept_class_word(a.token)
     concept_prompt = tw.concept_prompt(a.token)
     class_prompt = f"a {cls}" if a.token in tw.OBJECTS else f"a {tw.SHAPES[0]}"

@@ -5,6 +5,7 @@
 #                         8-bit AdamW: sdtune LoCon/DoRA vs PEFT LoRA/DoRA and LyCORIS bypass (r32; r16 sdtune only)
 #   sdxl-nf4 / sdxl-int8  the same with the adapted layers' weights quantised (sdtune.lowprec)
 #   sd1-compile           SD1.5 bf16 with torch.compile (compile time falls in the warm-up steps)
+#   memory                `sdtune train --dry-run`'s predicted peak against the trainer's measured one (bench_memory.py)
 # Rows run in that order until the time budget (BUDGET_S, default 450 s) is spent; a row not started is listed as
 # skipped. Results: $OUT/results.md (the tables) and $OUT/results.jsonl (one JSON line per configuration).
 #
@@ -45,16 +46,16 @@ start=$(date +%s)
     python -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
 } > "$OUT/results.md"
 
-row() {  # row NAME ARGS...: run one bench_adapters.py call unless the budget is spent
-    local name=$1; shift
+row() {  # row NAME ARGS...: run one bench_adapters.py call (SCRIPT=bench/bench_memory.py: that one) unless the
+    local name=$1 script=${SCRIPT:-bench/bench_adapters.py}; shift           # budget is spent
     if (( $(date +%s) - start > BUDGET_S )); then
         printf '\n## %s\n\nskipped: time budget (%s s) spent\n' "$name" "$BUDGET_S" >> "$OUT/results.md"
         return
     fi
     local t0=$(date +%s)
-    python bench/bench_adapters.py "${COMMON[@]}" --jsonl "$OUT/results.jsonl" "$@" > "$OUT/$name.md" 2> "$OUT/$name.err"
+    python "$script" "${COMMON[@]}" --jsonl "$OUT/results.jsonl" "$@" > "$OUT/$name.md" 2> "$OUT/$name.err"
     local rc=$?
-    printf '\n## %s (%s s, exit %s)\n\n`bench/bench_adapters.py %s`\n\n' "$name" $(( $(date +%s) - t0 )) "$rc" \
+    printf '\n## %s (%s s, exit %s)\n\n`%s %s`\n\n' "$name" $(( $(date +%s) - t0 )) "$rc" "$script" \
         "${COMMON[*]} $*" >> "$OUT/results.md"
     cat "$OUT/$name.md" >> "$OUT/results.md"
     [ -s "$OUT/$name.err" ] && grep -E "failed|Error" "$OUT/$name.err" | head -5 >> "$OUT/results.md"
@@ -67,5 +68,9 @@ row sdxl-r16 "${XL[@]}" --rank 16 --configs sdtune-locon,sdtune-dora
 row sdxl-nf4 "${XL[@]}" --rank 32 --base-quant nf4 --configs sdtune-locon,sdtune-dora
 row sdxl-int8 "${XL[@]}" --rank 32 --base-quant int8 --configs sdtune-locon
 row sd1-compile "${SD1[@]}" --dtype bf16 --compile "${COMPILE_WARMUP[@]}" --configs sdtune-locon,peft-lora
+# the dry-run estimate against the trainer's measured peak (bench_memory.py writes its own random-weights models)
+[ "$DEVICE" = cpu ] && MEMORY=(--device cpu --small) || MEMORY=(--device cuda)
+COMMON=("${MEMORY[@]}")
+SCRIPT=bench/bench_memory.py row memory --settings sd1-bf16,sdxl-r32 --jsonl "$OUT/memory.jsonl"
 
 echo "gpu.sh: $(( $(date +%s) - start )) s; $(wc -l < "$OUT/results.jsonl") configurations -> $OUT/results.md"

@@ -298,6 +298,12 @@ def cmd_train(a) -> int:
         raise ValueError(f"a config file or a packaged recipe ({', '.join(recipes())}) is required, or --describe "
                          f"for every key")
     config = load_config(recipe_path(a.config), a.set)
+    if a.dry_run:
+        from .train.loop import memory_plan
+
+        print(f"GPU memory of one training step of {a.config} (nothing is trained or written):")
+        print(memory_plan(config).table())
+        return 0
     try:
         result = train(config, resume=a.resume, progress=not a.quiet)
     except (TrainingDiverged, DiskSpaceError) as e:
@@ -320,6 +326,9 @@ def _add_train(sub) -> None:
                         "fresh (says which); latest: the newest, an error if none; or a checkpoint folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--describe", action="store_true", help="print every config key with its type, default and help")
+    p.add_argument("--dry-run", action="store_true",
+                   help="estimate the run's peak GPU memory (weights, gradients, optimizer state, one step's tensors "
+                        "at the largest bucket, in the config's precision) and exit; runs on the CPU")
     p.set_defaults(func=cmd_train)
 
 

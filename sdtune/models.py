@@ -3,7 +3,8 @@
 ``load()`` is the one entry point. It returns a :class:`BaseModel`: the diffusers pipeline plus the
 architecture family (``sd1``, ``sd2`` or ``sdxl``) that decides adapter names and export metadata. The
 embedded default ``assets/tiny-sd`` is an SD1-family pipeline pretrained on the toy world
-(``python -m sdtune.toy.pretrain``) and needs no network.
+(``python -m sdtune.toy.pretrain``) and needs no network; ``assets/tiny-sdxl`` is its SDXL-family sibling (SDXL's
+module tree at toy widths, two text encoders), loaded like any SDXL folder.
 """
 from __future__ import annotations
 
@@ -83,9 +84,10 @@ def _from_folder(folder: Path, dtype: torch.dtype):
         raise ModelLoadError(
             f"{folder} is not a diffusers model folder (no model_index.json). Pass a diffusers folder, a single-file "
             f".safetensors checkpoint, or nothing for the embedded model.")
+    cls = _pipeline_class(folder)
+    extra = {} if cls.__name__.startswith("StableDiffusionXL") else {"safety_checker": None}  # SDXL has none
     try:
-        return _pipeline_class(folder).from_pretrained(str(folder), dtype=dtype, safety_checker=None,
-                                                       local_files_only=True)
+        return cls.from_pretrained(str(folder), dtype=dtype, local_files_only=True, **extra)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"could not load the diffusers folder {folder}: {e}") from e
 
@@ -115,7 +117,7 @@ def _from_single_file(path: Path, dtype: torch.dtype, config: str | Path | None)
     keys = _pickle_keys(path) if path.suffix.lower() in PICKLE_SUFFIXES else _check_safetensors(path)
     is_xl = any(k.startswith("conditioner.embedders.1") for k in keys)
     cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
-    kwargs = {"dtype": dtype, "safety_checker": None}
+    kwargs = {"dtype": dtype, **({} if is_xl else {"safety_checker": None})}
     if config is not None:
         kwargs["config"] = str(config)
     try:

@@ -35,13 +35,10 @@ def judge_model():
 
 
 @pytest.fixture(scope="session")
-def tiny_sdxl(tmp_path_factory):
-    """A small SDXL-layout model (random weights; ``helpers_formats.tiny_sdxl_folder``), loaded from its diffusers
-    folder the way a user's SDXL model is; read-only like ``tiny_model``."""
-    from helpers_formats import tiny_sdxl_folder
-
+def tiny_sdxl():
+    """The embedded SDXL-family base (``assets/tiny-sdxl``: SDXL's module tree at toy widths, pretrained on the toy
+    world), loaded from its diffusers folder the way a user's SDXL model is; read-only like ``tiny_model``."""
     from sdtune.models import load
+    from sdtune.resources import ASSETS
 
-    folder = tmp_path_factory.mktemp("tiny-sdxl") / "model"
-    tiny_sdxl_folder(folder)
-    return load(folder)
+    return load(ASSETS / "tiny-sdxl")

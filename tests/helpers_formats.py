@@ -76,21 +76,3 @@ def lycoris_merge(path, modules: dict[str, nn.Module]) -> tuple[set[str], set[st
         module.merge_to(1.0)
         used |= {f"{name}.{k}" for k in keys}
     return used, set(sd)
-
-
-def tiny_sdxl_folder(folder) -> None:
-    """Write a small SDXL pipeline as a diffusers folder: U-Net and both text encoders with SDXL's block structure
-    and random weights (``archs.build_random(small=True)``), the embedded VAE, tokenizer and scheduler."""
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionXLPipeline
-    from transformers import CLIPTokenizer
-
-    from sdtune.archs import build_random
-    from sdtune.models import EMBEDDED
-
-    model = build_random("sdxl", small=True, seed=0)
-    tokenizer = CLIPTokenizer.from_pretrained(EMBEDDED / "tokenizer")
-    pipe = StableDiffusionXLPipeline(
-        vae=AutoencoderKL.from_pretrained(EMBEDDED / "vae"), text_encoder=model.text_encoders["text_encoder"],
-        text_encoder_2=model.text_encoders["text_encoder_2"], tokenizer=tokenizer, tokenizer_2=tokenizer,
-        unet=model.unet, scheduler=DPMSolverMultistepScheduler.from_pretrained(EMBEDDED / "scheduler"))
-    pipe.save_pretrained(folder, safe_serialization=True)

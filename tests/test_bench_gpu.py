@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = ("sd1-bf16", "sd1-fp32", "sdxl-r32", "sdxl-r16", "sdxl-nf4", "sdxl-int8", "sd1-compile")
+ROWS = ("sd1-bf16", "sd1-fp32", "sdxl-r32", "sdxl-r16", "sdxl-nf4", "sdxl-int8", "sd1-compile", "memory")
 
 
 @pytest.mark.slow
@@ -37,6 +37,8 @@ def test_gpu_script_runs_every_row_on_cpu(tmp_path):
     assert ("sd1", "bf16", "none", True, "peft-lora", 16) in seen
     assert all(r["s_step"] > 0 and (r["trainable"] > 0) == (r["config"] != "floor") for r in rows)
     assert len(rows) == 23 - (0 if has_bnb else 2)
+    memory = [json.loads(line) for line in (tmp_path / "memory.jsonl").read_text().splitlines()]
+    assert [r["setting"] for r in memory] == ["sd1-bf16", "sdxl-r32"] and all(r["predicted_gib"] > 0 for r in memory)
 
 
 def test_one_layer_mode_lists_the_full_size_ops_and_casts():

@@ -58,6 +58,7 @@ def test_sdxl_base_has_sdxls_module_tree_and_pretrains(tmp_path):
     steps write a StableDiffusionXLPipeline folder that loads offline as SDXL and samples."""
     import torch
     from diffusers import StableDiffusionXLPipeline
+    from safetensors import safe_open
 
     from sdtune.archs import build_unet
     from sdtune.models import EMBEDDED
@@ -71,10 +72,24 @@ def test_sdxl_base_has_sdxls_module_tree_and_pretrains(tmp_path):
     n_params = sum(p.numel() for m in (unet, *tes) for p in m.parameters())
     assert n_params * 2 < 20e6  # fp16 bytes: with the 2.7 MB VAE, well under 25 MB
 
-    folder = P.pretrain_sdxl(tmp_path / "xl", base=EMBEDDED, unet_steps=2, n_images=8, unet_batch=2, seed=1)
+    # a snapshot at step 1 (written in fp16) must not touch the EMA that trains on to step 2
+    folder = P.pretrain_sdxl(tmp_path / "xl", base=EMBEDDED, unet_steps=2, n_images=8, unet_batch=2, seed=1,
+                             snapshot_every=1)
+    assert (tmp_path / "xl.snapshot" / "model_index.json").is_file()
     model = load(folder)
     assert model.arch == "sdxl" and isinstance(model.pipeline, StableDiffusionXLPipeline)
     assert model.pipeline.unet.dtype == torch.float32 and model.resolution == tw.IMAGE_SIZE
     assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) < 25e6
     image = generate(model, SampleRequest(["a red star"], steps=2), progress=False)[0].image
     assert image.size == (tw.IMAGE_SIZE, tw.IMAGE_SIZE)
+
+    # a time-capped run goes on from its folder: both text encoders train, the folder stays fp16 SDXL
+    before = {k: v.clone() for k, v in model.pipeline.text_encoder_2.state_dict().items()}
+    P.continue_pretraining(folder, unet_steps=1, n_images=8, unet_batch=2, out=tmp_path / "xl2")
+    again = load(tmp_path / "xl2")
+    assert again.arch == "sdxl"
+    after = again.pipeline.text_encoder_2.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    weights = next((tmp_path / "xl2" / "unet").glob("*.safetensors"))
+    with safe_open(weights, "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16

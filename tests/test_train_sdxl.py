@@ -1,4 +1,4 @@
-"""The trainer on an SDXL-layout model (the ``tiny_sdxl`` fixture: SDXL's block structure, random weights), per
+"""The trainer on the embedded SDXL base (the ``tiny_sdxl`` fixture: ``assets/tiny-sdxl``), per
 algorithm: exactly the trained parts (U-Net, TE1, TE2) change, each text encoder learns at its own rate, frozen
 encoders are cached, every image's micro-conditioning reaches the U-Net, and the A1111 file names te1/te2."""
 from __future__ import annotations

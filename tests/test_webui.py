@@ -297,3 +297,27 @@ def test_sdtune_ui_command_launches_on_loopback_by_default(monkeypatch, tmp_path
     with pytest.warns(UserWarning, match="anyone who can reach it.*--allowed-host"), \
             pytest.raises(RuntimeError, match="stopped"):
         real_launch(host="0.0.0.0", workspace=tmp_path)
+
+
+def test_train_and_sample_on_the_embedded_sdxl_base(tmp_path, images):
+    """The Train tab on an SDXL base (the app launched with the embedded SDXL model): a short run trains the U-Net and
+    both text encoders, its A1111 file carries SDXL's LDM names, its previews are drawn, and the Sample tab renders
+    it at the base's resolution."""
+    from safetensors import safe_open
+
+    from sdtune.resources import ASSETS
+
+    studio = Studio(tmp_path / "ws", model_source=str(ASSETS / "tiny-sdxl"))
+    targets = {**TARGETS, "te": ("locon", 2, None)}
+    studio.train_start("demo", images, "", "a sks star", "", targets, 2, 1e-3, "xl")
+    studio.job.wait(300)
+    state = studio.job.snapshot()
+    assert state.status == "finished", state.message
+    assert state.preview and Path(state.preview).is_file()
+    path = studio.ws.library / state.adapter
+    with safe_open(str(path), "pt") as f:
+        prefixes = {k.split("_")[1] for k in f.keys()}
+        assert any(k.startswith("lora_unet_input_blocks_") for k in f.keys())
+    assert prefixes == {"unet", "te1", "te2"}
+    out = studio.sample("a sks star", "", 0, 2, 5.0, 0, 1, [state.adapter], "", False)["images"]
+    assert Image.open(out[0]).size == (tw.IMAGE_SIZE, tw.IMAGE_SIZE)

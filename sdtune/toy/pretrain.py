@@ -354,13 +354,18 @@ def pretrain_sdxl(out: str | Path, *, base: str | Path, unet_steps: int = 3500, 
     latents, captions, _ = encode_dataset(vae, n_images, seed + 1, style_rate=0.3)
     unet, tes = build_sdxl(tokenizer, seed)
 
+    shown = base.resolve().relative_to(Path.cwd()) if base.resolve().is_relative_to(Path.cwd()) else base
+
     def record(steps: int) -> dict:
-        return dict(arch="sdxl", base=str(base), unet_steps=steps, n_images=n_images, unet_batch=unet_batch,
-                    seed=seed, command=f"python -m sdtune.toy.pretrain --arch sdxl --base {base} --out {out} "
+        return dict(arch="sdxl", base=str(shown), unet_steps=steps, n_images=n_images, unet_batch=unet_batch,
+                    seed=seed, command=f"python -m sdtune.toy.pretrain --arch sdxl --base {shown} --out {out} "
                                        f"--unet-steps {steps} --images {n_images} --seed {seed}")
 
-    def save(folder: Path, steps: int, unet_, tes_) -> None:
-        _write(_pipeline(vae, tes_, tokenizer, unet_).to(torch.float16), folder, record(steps))
+    def save(folder: Path, steps: int, unet_, tes_) -> None:  # fp16 copies: a snapshot's EMA trains on in fp32
+        import copy
+
+        half = [copy.deepcopy(m).to(torch.float16) for m in (vae, *tes_, unet_)]
+        _write(_pipeline(half[0], half[1:3], tokenizer, half[3]), folder, record(steps))
 
     def snapshot(step, unet_, tes_):
         save(out.with_name(out.name + ".snapshot"), step, unet_, tes_)
@@ -383,12 +388,16 @@ def continue_pretraining(folder: str | Path, *, unet_steps: int, lr: float = 5e-
     switches the target (a v-prediction twin); ``zero_terminal_snr`` also rescales the betas (Lin et al. 2024), and
     the saved scheduler then samples with them and trailing timesteps. ``max_minutes`` stops the training early; the
     record holds the steps actually done (the schedule does not depend on the step count, so its command repeats
-    the run exactly)."""
-    from diffusers import StableDiffusionPipeline
+    the run exactly). An SDXL folder trains both text encoders and is written in fp16 again, as ``pretrain_sdxl``
+    writes it."""
+    from ..models import _pipeline_class
 
     folder = Path(folder)
     out = Path(out) if out is not None else folder
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, local_files_only=True)
+    cls = _pipeline_class(folder)
+    sdxl = cls.__name__.startswith("StableDiffusionXL")
+    pipe = cls.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True,
+                               **({} if sdxl else {"safety_checker": None}))
     changes = {"prediction_type": prediction_type} if prediction_type else {}
     if zero_terminal_snr:
         changes |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
@@ -396,10 +405,16 @@ def continue_pretraining(folder: str | Path, *, unet_steps: int, lr: float = 5e-
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **changes)
     latents, captions, _ = encode_dataset(pipe.vae, n_images, 1000 + seed, style_rate=style_rate)
     unet, te, unet_steps = train_unet(latents * pipe.vae.config.scaling_factor, captions, pipe.tokenizer, unet_steps,
-                                      unet_batch, 2000 + seed, lr=lr, unet=pipe.unet, te=pipe.text_encoder,
+                                      unet_batch, 2000 + seed, lr=lr, unet=pipe.unet,
+                                      te=[pipe.text_encoder, pipe.text_encoder_2] if sdxl else pipe.text_encoder,
                                       scheduler_config=dict(pipe.scheduler.config),
                                       max_seconds=None if max_minutes is None else 60 * max_minutes)
-    pipe.unet, pipe.text_encoder = unet, te
+    pipe.unet = unet
+    if sdxl:
+        pipe.text_encoder, pipe.text_encoder_2 = te
+        pipe = pipe.to(torch.float16)
+    else:
+        pipe.text_encoder = te
     record = json.loads((folder / "PRETRAINING.json").read_text())
     target = (f" --out {out}" if out != folder else "") + (f" --prediction-type {prediction_type}"
                                                          if prediction_type else "") \
