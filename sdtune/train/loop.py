@@ -200,6 +200,7 @@ class Trainer:
                                          background=parse_colour(cfg.data.alpha_background))
         self.val_views = validation.views(self.dataset, heldout) if heldout else None
 
+        # the frozen base in low precision (a CPU run has no autocast, so there its dtype stays fp32)
         self.injection, self.trained_encoders, adapted = attach_adapters(
             cfg, self.model, self.run_dir, base_dtype=cfg.train.base_dtype if acc.mixed_precision != "no" else "fp32")
         self.text_trained = bool(self.trained_encoders)
