@@ -66,7 +66,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, monkeypatch, capsy
 def test_estimate_adds_up_and_lowering_the_base_shows():
     cfg, model, trained, params = _attached("demo")
     fp32 = memory.estimate(cfg, model, params, trained, (64, 64))
-    assert fp32.gradients == fp32.trainable == 4 * sum(p.numel() for p in params)
+    assert fp32.gradients == 4 * sum(p.numel() for p in params)
     assert fp32.optimizer == 2 * fp32.gradients and fp32.ema == 0 and fp32.batch == 8  # prior doubles the batch
     assert fp32.peak == fp32.weights + fp32.gradients + fp32.optimizer + fp32.step
     cfg16, model16, trained16, params16 = _attached("demo", "train.base_dtype=bf16", "train.mixed_precision=bf16",

@@ -69,8 +69,7 @@ class MemoryEstimate:
     ``load`` the weights as first loaded (fp32), before the base is lowered; ``shape`` the bucket (w, h)."""
 
     weights: int
-    trainable: int
-    gradients: int
+    gradients: int  # the trainable parameters' fp32 gradients: also their own size
     optimizer: int
     ema: int
     step: int
@@ -198,7 +197,7 @@ def estimate(cfg, model, params: list[nn.Parameter], trained_encoders: list[str]
     caching = cfg.data.cache_latents and cfg.data.crop == "center"
     step = step_bytes(model, trained_encoders, params, batch, shape, dtype, encode_latents=not caching)
     return MemoryEstimate(
-        weights=storage_bytes([*model.components().values(), model.pipeline.vae]), trainable=trainable,
-        gradients=trainable, optimizer=optimizer_bytes(cfg.optim.optimizer, params),
+        weights=storage_bytes([*model.components().values(), model.pipeline.vae]), gradients=trainable,
+        optimizer=optimizer_bytes(cfg.optim.optimizer, params),
         ema=trainable if cfg.train.ema_decay and not cfg.train.ema_on_cpu else 0, step=step, load=load_bytes,
         batch=batch, shape=shape)
