@@ -2,6 +2,7 @@
 
     python bench/bench_demo.py outputs/demo/adapter.safetensors --token sks [--n 32]
     python bench/bench_demo.py outputs/demo-sdxl/adapter.safetensors --model assets/tiny-sdxl   # the SDXL demo
+    python bench/bench_demo.py outputs/demo/adapter-step-*.safetensors     # one row per file (output.save_every)
 
 Samples ``n`` images of "a <token> <class>" and of the class prompt "a <class>", with the base model and with
 the adapter applied, and reports: concept fidelity (the judge sees the concept), and prior preservation (the
@@ -28,7 +29,8 @@ def rates(model, judge, prompt: str, n: int, adapters, token: str, cls: str, see
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("adapter")
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER",
+                   help="one or more adapter files, e.g. a run's adapter-step-*.safetensors (output.save_every)")
     p.add_argument("--token", default="sks")
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--seed", type=int, default=500, help="first sampling seed (each sample takes the next one)")
@@ -39,15 +41,15 @@ def main() -> None:
     concept_prompt = tw.concept_prompt(a.token)
     class_prompt = f"a {cls}" if a.token in tw.OBJECTS else f"a {tw.SHAPES[0]}"
     base_fid, _ = rates(model, judge, concept_prompt, a.n, [], a.token, cls, a.seed)
-    fid, _ = rates(model, judge, concept_prompt, a.n, [(a.adapter, 1.0)], a.token, cls, a.seed)
     _, base_prior = rates(model, judge, class_prompt, a.n, [], a.token, cls, a.seed)
-    leak, prior = rates(model, judge, class_prompt, a.n, [(a.adapter, 1.0)], a.token, cls, a.seed)
-    print("| prompt | base model | with adapter |")
-    print("|---|---|---|")
-    print(f"| \"{concept_prompt}\": concept fidelity | {base_fid:.1%} | {fid:.1%} |")
-    print(f"| \"{class_prompt}\": judged as a {cls} | {base_prior:.1%} | {prior:.1%} "
-          f"({prior / max(base_prior, 1e-9):.0%} of base) |")
-    print(f"| \"{class_prompt}\": concept leaks in | — | {leak:.1%} |")
+    print(f"| adapter | \"{concept_prompt}\": concept fidelity (base {base_fid:.1%}) | \"{class_prompt}\" judged "
+          f"a {cls} (base {base_prior:.1%}) | \"{class_prompt}\": concept leaks in |")
+    print("|---|---|---|---|")
+    for adapter in a.adapters:
+        fid, _ = rates(model, judge, concept_prompt, a.n, [(adapter, 1.0)], a.token, cls, a.seed)
+        leak, prior = rates(model, judge, class_prompt, a.n, [(adapter, 1.0)], a.token, cls, a.seed)
+        print(f"| {adapter} | {fid:.1%} | {prior:.1%} ({prior / max(base_prior, 1e-9):.0%} of base) | {leak:.1%} |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -408,6 +408,9 @@ class OutputConfig:
     dir: str = f("outputs/run", "run folder: adapter files, config.toml, log.csv, loss.png, samples/, checkpoints/")
     checkpoint_every: int = f(0, "save a resumable checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = f(2, "keep the last K checkpoints")
+    save_every: int = f(0, "also export the A1111 file every N steps, as adapter-step-000200.safetensors (the weights "
+                           "the final file gets: the EMA when kept), to pick a step by its samples; 0 = only the "
+                           "final adapter.safetensors")
     sample_every: int = f(0, "preview grid of the validation prompts every N steps (0 = only at the end)")
     validation_prompts: list[str] = f([], "prompts of the preview grids (none = no previews)")
     sample_steps: int = f(20, "sampler steps of the previews")
@@ -432,7 +435,7 @@ class OutputConfig:
     def __post_init__(self) -> None:
         s = "output"
         _check(s, bool(self.dir), "dir", self.dir, "required")
-        for name in ("checkpoint_every", "sample_every"):
+        for name in ("checkpoint_every", "sample_every", "save_every"):
             _check(s, getattr(self, name) >= 0, name, getattr(self, name), "expected >= 0")
         _check(s, self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "expected >= 1")
         _check(s, self.sample_steps >= 1 and self.sample_count >= 1, "sample_steps/sample_count",

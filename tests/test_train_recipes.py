@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers_train import tiny_config
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sdtune.config import loads_config
@@ -89,6 +90,25 @@ def test_export_and_previews_use_the_chosen_weights(inst, tmp_path, outputs):
     assert result.samples and all(torch.equal(v, raw[k]) for k, v in trainer.injection.state_dict().items())
     state, _ = ckpt.load(result.checkpoint)
     assert set(state["ema"]) == set(raw)
+
+
+def test_save_every_exports_the_weights_that_step_would_finish_with(inst, tmp_path):
+    """adapter-step-000002.safetensors of a 4-step run is the file a 2-step run ends with (constant schedule),
+    EMA weights included; the final file keeps its name."""
+    ema = ("train.ema_decay=0.5",)
+    events = []
+    train(config(inst, tmp_path / "long", "train.steps=4", "output.save_every=2", *ema), progress=False,
+          callback=events.append)
+    train(config(inst, tmp_path / "short", "train.steps=2", *ema), progress=False)
+    written = sorted(p.name for p in (tmp_path / "long").glob("adapter*.safetensors"))
+    assert written == ["adapter-step-000002.safetensors", "adapter.safetensors"]
+    assert [Path(e.export).name for e in events if e.export] == ["adapter-step-000002.safetensors"]
+    mid, short = tmp_path / "long" / written[0], tmp_path / "short" / "adapter.safetensors"
+    a, b = load_file(mid), load_file(short)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], v) for k, v in load_file(tmp_path / "long" / written[1]).items())
+    with safe_open(str(mid), "pt") as f:
+        assert f.metadata()["ss_steps"] == "2"
 
 
 # ------------------------------------------------------------------------------------------------ LoRA+

@@ -74,6 +74,7 @@ class TrainEvent:
     lr: float
     preview: str | None = None
     checkpoint: str | None = None
+    export: str | None = None  # the A1111 file written at this step (output.save_every)
     val_loss: float | None = None  # on the held-out images, at the steps train.validation_every says
 
 
@@ -243,7 +244,9 @@ class Trainer:
 
     def _check_disk(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        need = ckpt.bytes_needed(self.injection.num_params(), self.cfg.output.keep_checkpoints, self.ema is not None)
+        o = self.cfg.output
+        need = ckpt.bytes_needed(self.injection.num_params(), o.keep_checkpoints, self.ema is not None,
+                                 exports=self.total_steps // o.save_every if o.save_every else 0)
         free = shutil.disk_usage(self.run_dir).free
         if free < need:
             raise DiskSpaceError(f"{self.run_dir}: {free / 1e6:.1f} MB free, checkpoints and exports need about "
@@ -344,6 +347,9 @@ class Trainer:
                 if last or (every and step % every == 0):
                     last_ckpt = self._checkpoint(step)
                     event.checkpoint = str(last_ckpt)
+                every = cfg.output.save_every
+                if main and every and step % every == 0 and not last:
+                    event.export = str(self.export(step)[1])
                 every = cfg.output.sample_every
                 if cfg.output.validation_prompts and (last or (every and step % every == 0)) and main:
                     event.preview = str(self.preview(step))
@@ -506,17 +512,21 @@ class Trainer:
         grid([s.image for s in samples], columns=o.sample_count).save(path)
         return path
 
-    def export(self) -> tuple[Path, Path]:
-        """The final adapter: native ``adapter.sdtune`` and the A1111 ``adapter.safetensors``."""
+    def export(self, step: int | None = None) -> tuple[Path | None, Path]:
+        """The final adapter: native ``adapter.sdtune`` and the A1111 ``adapter.safetensors``; at an intermediate
+        ``step`` (``output.save_every``) only the A1111 file, ``adapter-step-000200.safetensors``."""
         from ..formats.kohya import DTYPES, save_kohya
 
         o = self.cfg.output
-        native, kohya = self.run_dir / "adapter.sdtune", self.run_dir / "adapter.safetensors"
+        steps = step or self.total_steps
+        native = None if step else self.run_dir / "adapter.sdtune"
+        kohya = self.run_dir / (f"adapter-step-{step:06d}.safetensors" if step else "adapter.safetensors")
         with self._output_weights():  # the EMA or schedule-free average when the run keeps one
-            self.injection.save(native)
+            if native is not None:
+                self.injection.save(native)
             save_kohya(self.injection, kohya, dtype=DTYPES[o.export_dtype], resolution=self.resolution,
-                       output_name=o.name or self.run_dir.name, comment=f"sdtune train, {self.total_steps} steps",
-                       metadata={"ss_steps": str(self.total_steps), "ss_seed": str(self.cfg.train.seed),
+                       output_name=o.name or self.run_dir.name, comment=f"sdtune train, {steps} steps",
+                       metadata={"ss_steps": str(steps), "ss_seed": str(self.cfg.train.seed),
                                  "ss_learning_rate": str(self.cfg.optim.lr_unet),
                                  "ss_num_train_images": str(len(self.dataset)),
                                  "ss_v_parameterization": str(self.schedule.prediction == "v_prediction"),

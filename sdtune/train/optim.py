@@ -12,7 +12,9 @@ init, B should learn faster than A, by a ratio λ ≈ 2⁴. "B" is the output-si
     FLoRA     a_out, the output-mode factor (out, r₁), which starts at zero; the core G and the input/kernel
               factors (a_in, a_kh, a_kw) are A: they start orthonormal/random like LoCon's down.
     Spectral  the output-side tensor: a_u (additive) or q_u (rotational); a_v/q_v are A. Both sides start at zero,
-              so LoRA+'s argument does not strictly apply: the ratio only makes the U side faster.
+              so LoRA+'s argument does not strictly apply: the ratio only makes the U side faster, or slower below
+              1 (demo-spectral: 0.25, because a_u's term A_U·S₁V₁ᵀ reads the top input directions every prompt
+              drives, and moved the class prompt with the concept).
     DoRA      the B of its low-rank update (LoCon's up or FLoRA's a_out); the magnitude m is A.
 
 Optimisers (``optim.optimizer``) and what the learning rate means for each:

@@ -117,8 +117,8 @@ def load(path: Path) -> tuple[dict, dict]:
     return torch.load(path / "trainer.pt", map_location="cpu", weights_only=True), load_file(path / "adapter.sdtune")
 
 
-def bytes_needed(num_params: int, keep: int, ema: bool = False) -> int:
-    """Disk for ``keep`` + 1 checkpoints in flight (adapter fp32 + AdamW's two moments [+ the EMA copy]) and the
-    final exports."""
+def bytes_needed(num_params: int, keep: int, ema: bool = False, exports: int = 0) -> int:
+    """Disk for ``keep`` + 1 checkpoints in flight (adapter fp32 + AdamW's two moments [+ the EMA copy]), the
+    final exports and ``exports`` intermediate A1111 files (output.save_every, kept, at most fp32)."""
     per_checkpoint = num_params * 4 * (4 if ema else 3) + 1_000_000
-    return per_checkpoint * (keep + 1) + num_params * 4 * 2 + 10_000_000
+    return per_checkpoint * (keep + 1) + num_params * 4 * (2 + exports) + 10_000_000
