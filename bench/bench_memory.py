@@ -43,25 +43,18 @@ SMALL_VAE = dict(VAE_CONFIG, block_out_channels=(16, 32, 32, 32), norm_num_group
 def write_model(arch: str, folder: Path, small: bool) -> None:
     """A diffusers pipeline folder of ``arch`` with random weights (fp16 on disk: loading makes it fp32 again)."""
     import torch
-    from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline,
-                           StableDiffusionXLPipeline)
+    from diffusers import AutoencoderKL
     from transformers import CLIPTokenizer
 
     from sdtune.archs import build_random
     from sdtune.models import EMBEDDED
+    from sdtune.toy.pretrain import build_pipeline
 
     model = build_random(arch, small=small)
-    tok = CLIPTokenizer.from_pretrained(EMBEDDED / "tokenizer")
-    vae = AutoencoderKL(**(SMALL_VAE if small else VAE_CONFIG))
-    sched = DPMSolverMultistepScheduler.from_pretrained(EMBEDDED / "scheduler")
-    te = model.text_encoders
-    if arch == "sdxl":
-        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te["text_encoder"], text_encoder_2=te["text_encoder_2"],
-                                         tokenizer=tok, tokenizer_2=tok, unet=model.unet, scheduler=sched)
-    else:
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=te["text_encoder"], tokenizer=tok, unet=model.unet,
-                                       scheduler=sched, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+    te = model.text_encoders["text_encoder"]
+    te = [te, model.text_encoders["text_encoder_2"]] if arch == "sdxl" else te
+    pipe = build_pipeline(AutoencoderKL(**(SMALL_VAE if small else VAE_CONFIG)), te,
+                          CLIPTokenizer.from_pretrained(EMBEDDED / "tokenizer"), model.unet)
     pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True)
 
 

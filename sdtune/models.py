@@ -72,11 +72,11 @@ class BaseModel:
         return int(unet.config.sample_size) * int(self.pipeline.vae_scale_factor)
 
 
-def _pipeline_class(folder: Path):
+def _pipeline_class(xl: bool):
+    """(pipeline class, its extra from_* kwargs): SD1/SD2 pipelines take safety_checker=None, SDXL has none."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    index = json.loads((folder / "model_index.json").read_text())
-    return StableDiffusionXLPipeline if "text_encoder_2" in index else StableDiffusionPipeline
+    return (StableDiffusionXLPipeline, {}) if xl else (StableDiffusionPipeline, {"safety_checker": None})
 
 
 def _from_folder(folder: Path, dtype: torch.dtype):
@@ -84,8 +84,7 @@ def _from_folder(folder: Path, dtype: torch.dtype):
         raise ModelLoadError(
             f"{folder} is not a diffusers model folder (no model_index.json). Pass a diffusers folder, a single-file "
             f".safetensors checkpoint, or nothing for the embedded model.")
-    cls = _pipeline_class(folder)
-    extra = {} if cls.__name__.startswith("StableDiffusionXL") else {"safety_checker": None}  # SDXL has none
+    cls, extra = _pipeline_class("text_encoder_2" in json.loads((folder / "model_index.json").read_text()))
     try:
         return cls.from_pretrained(str(folder), dtype=dtype, local_files_only=True, **extra)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
@@ -112,12 +111,9 @@ def _pickle_keys(path: Path) -> set[str]:
 
 
 def _from_single_file(path: Path, dtype: torch.dtype, config: str | Path | None):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
     keys = _pickle_keys(path) if path.suffix.lower() in PICKLE_SUFFIXES else _check_safetensors(path)
-    is_xl = any(k.startswith("conditioner.embedders.1") for k in keys)
-    cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
-    kwargs = {"dtype": dtype, **({} if is_xl else {"safety_checker": None})}
+    cls, extra = _pipeline_class(any(k.startswith("conditioner.embedders.1") for k in keys))
+    kwargs = {"dtype": dtype, **extra}
     if config is not None:
         kwargs["config"] = str(config)
     try:

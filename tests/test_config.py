@@ -76,6 +76,7 @@ def test_wrong_type_is_named(override, words):
     ("adapters.0.scale=2", ["scale is FLoRA's"]),           # strict AdapterSpec: scale only for flora
     ("train.epochs=2", ["exactly one of steps and epochs"]),
     ("prior.enabled=true", ["class_prompt", "required"]),
+    ("output.save_every=-100", ["[output] save_every", "expected >= 0"]),
 ])
 def test_bad_values_are_explained(override, words):
     with pytest.raises(ConfigError) as e:

@@ -22,6 +22,7 @@ Variants:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import random
@@ -270,7 +271,7 @@ def train_unet(latents: torch.Tensor, captions: list[str], tokenizer, steps: int
     return unet_ema, te_ema, done
 
 
-def _pipeline(vae, te, tokenizer, unet):
+def build_pipeline(vae, te, tokenizer, unet):
     """A StableDiffusionPipeline, or with ``te`` = [TE1, TE2] a StableDiffusionXLPipeline (one tokenizer for both;
     the unconditional embedding is the empty prompt's, as trained, not SDXL's zeros)."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -318,12 +319,12 @@ def pretrain(out: str | Path, *, vae_steps: int = 3000, unet_steps: int = 3500, 
                             f" --images {n_images} --seed {seed}")
 
     def snapshot(step, unet, te):
-        _write(_pipeline(vae, te, tokenizer, unet), out.with_name(out.name + ".snapshot"), record(step))
+        _write(build_pipeline(vae, te, tokenizer, unet), out.with_name(out.name + ".snapshot"), record(step))
         print(f"snapshot at step {step}", flush=True)
 
     unet, te, _ = train_unet(latents * scaling, captions, tokenizer, unet_steps, unet_batch, seed + 2,
                           snapshot=snapshot if snapshot_every else None, snapshot_every=snapshot_every or 1)
-    _write(_pipeline(vae, te, tokenizer, unet), out, record(unet_steps))
+    _write(build_pipeline(vae, te, tokenizer, unet), out, record(unet_steps))
     return out
 
 
@@ -362,10 +363,8 @@ def pretrain_sdxl(out: str | Path, *, base: str | Path, unet_steps: int = 3500, 
                                        f"--unet-steps {steps} --images {n_images} --seed {seed}")
 
     def save(folder: Path, steps: int, unet_, tes_) -> None:  # fp16 copies: a snapshot's EMA trains on in fp32
-        import copy
-
         half = [copy.deepcopy(m).to(torch.float16) for m in (vae, *tes_, unet_)]
-        _write(_pipeline(half[0], half[1:3], tokenizer, half[3]), folder, record(steps))
+        _write(build_pipeline(half[0], half[1:3], tokenizer, half[3]), folder, record(steps))
 
     def snapshot(step, unet_, tes_):
         save(out.with_name(out.name + ".snapshot"), step, unet_, tes_)
@@ -390,14 +389,12 @@ def continue_pretraining(folder: str | Path, *, unet_steps: int, lr: float = 5e-
     record holds the steps actually done (the schedule does not depend on the step count, so its command repeats
     the run exactly). An SDXL folder trains both text encoders and is written in fp16 again, as ``pretrain_sdxl``
     writes it."""
-    from ..models import _pipeline_class
+    from ..models import _from_folder
 
     folder = Path(folder)
     out = Path(out) if out is not None else folder
-    cls = _pipeline_class(folder)
-    sdxl = cls.__name__.startswith("StableDiffusionXL")
-    pipe = cls.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True,
-                               **({} if sdxl else {"safety_checker": None}))
+    pipe = _from_folder(folder, torch.float32)
+    sdxl = hasattr(pipe, "text_encoder_2")
     changes = {"prediction_type": prediction_type} if prediction_type else {}
     if zero_terminal_snr:
         changes |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}

@@ -23,6 +23,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from ..formats.kohya import DTYPES
+
 # Optimizer state per trainable parameter, in bytes (fp32 states): AdamW and schedule-free AdamW keep two
 # moments, Lion one, Prodigy four (two moments, s and the initial point p0). 8-bit AdamW and Adafactor by rule below.
 STATE_BYTES = {"adamw": 8, "schedulefree_adamw": 8, "lion": 4, "prodigy": 16}
@@ -193,7 +195,7 @@ def estimate(cfg, model, params: list[nn.Parameter], trained_encoders: list[str]
     prior preservation. ``load_bytes``: the weights as loaded, before lowering."""
     trainable = 4 * sum(p.numel() for p in params)
     batch = cfg.train.batch_size * (2 if cfg.prior.enabled else 1)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
+    dtype = DTYPES.get(cfg.train.mixed_precision)  # None for "no"
     caching = cfg.data.cache_latents and cfg.data.crop == "center"
     step = step_bytes(model, trained_encoders, params, batch, shape, dtype, encode_latents=not caching)
     return MemoryEstimate(
