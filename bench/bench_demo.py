@@ -22,8 +22,8 @@ def rates(model, judge, prompt: str, n: int, adapters, token: str, cls: str, see
     samples = generate(model, SampleRequest([prompt], seed=seed, steps=20, guidance=5.0, count=n, adapters=adapters),
                        progress=False)
     v = J.judge(judge, [s.image for s in samples])
-    is_concept = [(x.object == token) if token in tw.OBJECTS else (x.style == token) for x in v]
-    is_class = [x.shape == cls for x in v] if token in tw.OBJECTS else [x.style is None for x in v]
+    is_concept = [J.shows(x, token) for x in v]
+    is_class = [x.shape == cls for x in v] if token in tw.OBJECT_CLASSES else [x.style is None for x in v]
     return sum(is_concept) / n, sum(is_class) / n
 
 
@@ -39,7 +39,7 @@ def main() -> None:
     model, judge = load(a.model), J.load()
     cls = tw.concept_class_word(a.token)
     concept_prompt = tw.concept_prompt(a.token)
-    class_prompt = f"a {cls}" if a.token in tw.OBJECTS else f"a {tw.SHAPES[0]}"
+    class_prompt = f"a {cls}" if a.token in tw.OBJECT_CLASSES else f"a {tw.SHAPES[0]}"
     base_fid, _ = rates(model, judge, concept_prompt, a.n, [], a.token, cls, a.seed)
     _, base_prior = rates(model, judge, class_prompt, a.n, [], a.token, cls, a.seed)
     print(f"| adapter | \"{concept_prompt}\": concept fidelity (base {base_fid:.1%}) | \"{class_prompt}\" judged "

@@ -6,6 +6,9 @@
     # two of them (6.25 %), reusing the adapters and the judged samples
     python bench/bench_fusion.py --concepts sks,qtz --ranks width:1 --alpha-ratio 2 --per-prompt 64 --reuse \
         --families locon,ortho-locon --methods sum,orthogonal,regmean,zip,composed --out outputs/bf4w
+    # eight, two of them colour objects (25 %), without object+style prompts
+    python bench/bench_fusion.py --concepts sks,ohwx,zwx,vfx,kfz,xjy,qtz,bnp --ranks width:1 --alpha-ratio 2 \
+        --per-prompt 64 --no-ceilings --no-joint --families locon --methods sum,orthogonal,zip,composed --out outputs/bf8
     python bench/bench_fusion.py --smoke --out /tmp/bf        # ~2 min: checks the plumbing only
 
 For each *family* of adapters every concept is trained alone (``sdtune.train.loop.train``) on 12 (``--instances``)
@@ -52,18 +55,14 @@ def marked_prompt(prompt: str, tokens: list[str]) -> str:
     """Each concept's phrase bracketed for ``sdtune.compose``: "a sks star in qtz style" -> "a [1:sks] star
     [2:in qtz style]"."""
     for k, t in enumerate(tokens, 1):
-        phrase = t if t in tw.OBJECTS else f"in {t} style"
+        phrase = t if t in tw.OBJECT_CLASSES else f"in {t} style"
         prompt = prompt.replace(phrase, f"[{k}:{phrase}]")
     return prompt
 
 
-def present(v: J.Verdict, token: str) -> bool:
-    return v.object == token if token in tw.OBJECTS else v.style == token
-
-
 def joint_pairs(tokens: list[str]) -> list[tuple[str, str]]:
     """Object × style pairs: the toy world draws one shape per image, so two objects cannot share a scene."""
-    return [(o, s) for o in tokens if o in tw.OBJECTS for s in tokens if s in tw.STYLES]
+    return [(o, s) for o in tokens if o in tw.OBJECT_CLASSES for s in tokens if s in tw.STYLES]
 
 
 def instance_captions(out: Path, token: str) -> list[str]:
@@ -139,7 +138,7 @@ def train_concept(token: str, family: str, rule: dict, out: Path, a, model) -> P
     inst = out / "instances" / token
     if not inst.exists():
         tw.write_instance_folder(token, inst, n=a.instances)
-    if token in tw.OBJECTS:
+    if token in tw.OBJECT_CLASSES:
         cls = tw.concept_class_word(token)
         class_prompt, class_dir = f"a {cls}", out / "class_images" / cls
     elif a.style_prior == "captions":
@@ -227,8 +226,11 @@ def rate(vs: list, ok) -> float:
 
 
 def prior_ok(vs: list, prompt: str) -> float:
-    """Share of a class prompt's samples showing its shape with no concept (object or style) leaking in."""
-    return rate(vs, lambda v: v.shape in prompt and v.object is None and v.style is None)
+    """Share of a class prompt's samples showing its shape with no concept (object, colour object or style) leaking
+    in. A colour object's colour counts as a leak on its class prompt: the base draws it too (about one "a hexagon"
+    in eight is purple), which the ratio to the base takes out."""
+    return rate(vs, lambda v: v.shape in prompt and v.object is None and v.style is None
+                and not any(J.shows(v, t) for t in tw.COLOUR_OBJECTS))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -263,6 +265,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--families", default=None, help="comma-separated subset of locon,spectral-slots,ortho-locon,ortho-random")
     p.add_argument("--methods", default=None, help="comma-separated subset of the fusion labels (e.g. sum,zip)")
     p.add_argument("--reuse", action="store_true", help="reuse adapters already trained in --out")
+    p.add_argument("--no-joint", dest="joint", action="store_false",
+                   help="skip the object+style prompts (eight concepts: 12 of 27 prompts)")
     p.add_argument("--no-ceilings", action="store_true",
                    help="judge each adapter alone on its own prompt only (not on the joint and class prompts)")
     p.add_argument("--zip-steps", type=int, default=100, help="zip: merger-fitting steps")
@@ -282,9 +286,9 @@ def main() -> None:
     if a.families:
         fams = {k: v for k, v in fams.items() if k in a.families.split(",")}
     solo_prompts = [tw.concept_prompt(t) for t in tokens]
-    joint = joint_pairs(tokens)
+    joint = joint_pairs(tokens) if a.joint else []
     joint_prompts = [tw.concept_prompt(o, style=s) for o, s in joint]
-    class_prompts = sorted({f"a {tw.OBJECTS[t]}" for t in tokens if t in tw.OBJECTS} | {"a red circle"})
+    class_prompts = sorted({f"a {tw.OBJECT_CLASSES[t]}" for t in tokens if t in tw.OBJECT_CLASSES} | {"a red circle"})
     base = judge_rates(model, judge, [], [], class_prompts, a)
     base_prior = {q: prior_ok(vs, q) for q, vs in base.items()}
     rows, solo_priors, solo_joint, ratios = [], [], [], []
@@ -295,12 +299,12 @@ def main() -> None:
         ratios.append((fam, *ratio(files)))
         ceilings = [] if a.no_ceilings else joint_prompts + class_prompts
         alone = [judge_rates(model, judge, [f], [1.0], [q] + ceilings, a) for f, q in zip(files, solo_prompts)]
-        solo = [rate(v[q], lambda v, t=t: present(v, t)) for v, q, t in zip(alone, solo_prompts, tokens)]
+        solo = [rate(v[q], lambda v, t=t: J.shows(v, t)) for v, q, t in zip(alone, solo_prompts, tokens)]
         if ceilings:
             solo_priors.append((fam, [[prior_ok(v[q], q) / max(base_prior[q], 1e-9) for q in class_prompts]
                                       for v in alone]))
             # what each adapter alone renders of its own concept on the joint prompts: the ceiling of joint success
-            solo_joint.append((fam, [[rate(v[q], lambda x, t=t: present(x, t)) for q in joint_prompts]
+            solo_joint.append((fam, [[rate(v[q], lambda x, t=t: J.shows(x, t)) for q in joint_prompts]
                                      for v, t in zip(alone, tokens)]))
         inputs = [load_file(f, model.components(), model.arch) for f in files]
         names = sorted({n for i in inputs for n in i.layers})
@@ -329,9 +333,9 @@ def main() -> None:
                 fusion.save_fused(res, fused, dtype=torch.float32)
                 verdicts = judge_rates(model, judge, [fused], [1.0], solo_prompts + joint_prompts + class_prompts, a)
                 inter = res.total_interference()
-            kept = [rate(verdicts[q], lambda v, t=t: present(v, t)) / s if s > 0 else float("nan")
+            kept = [rate(verdicts[q], lambda v, t=t: J.shows(v, t)) / s if s > 0 else float("nan")
                     for q, t, s in zip(solo_prompts, tokens, solo)]
-            joint_ok = [rate(verdicts[q], lambda v, o=o, s=s: v.object == o and v.style == s)
+            joint_ok = [rate(verdicts[q], lambda v, o=o, s=s: J.shows(v, o) and v.style == s)
                         for q, (o, s) in zip(joint_prompts, joint)]
             prior = [prior_ok(verdicts[q], q) / max(base_prior[q], 1e-9) for q in class_prompts]
             for q in joint_prompts + class_prompts:   # what the failures look like

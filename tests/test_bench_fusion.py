@@ -58,3 +58,15 @@ def test_ratio_is_rank_times_concepts_over_input_width(bench, tiny_model, tmp_pa
     worst, layer, median = bench.ratio(files)
     # text-encoder widths: 128 (q/k/v/out, fc1) and 512 (fc2): (2 + 4) / 128 at most, (2 + 4) / 512 at least
     assert worst == pytest.approx(6 / 128) and "mlp_fc2" not in layer and median == pytest.approx(6 / 128)
+
+
+def test_colour_objects_are_judged_by_shape_and_colour(bench):
+    """The eight-concept run's colour objects: present by shape and colour, paired with styles, and their colour on
+    their class prompt counts against the prior (the base draws it too; the ratio to the base takes that out)."""
+    from sdtune.toy.judge import Verdict
+
+    purple = Verdict("hexagon", "purple", "plain", None, None)
+    red = Verdict("hexagon", "red", "plain", None, None)
+    assert bench.joint_pairs(["kfz", "sks", "qtz"]) == [("kfz", "qtz"), ("sks", "qtz")]
+    assert bench.prior_ok([purple, red], "a hexagon") == 0.5 and bench.prior_ok([red], "a star") == 0.0
+    assert bench.marked_prompt("a kfz hexagon in qtz style", ["kfz", "qtz"]) == "a [1:kfz] hexagon [2:in qtz style]"

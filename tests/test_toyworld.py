@@ -9,7 +9,7 @@ from sdtune.toy import world as tw
 def test_world_has_required_variety():
     assert len(tw.SHAPES) >= 8 and len(tw.COLOURS) >= 8 and len(tw.BACKGROUNDS) >= 3
     assert len(tw.OBJECTS) >= 4 and len(tw.STYLES) >= 2
-    assert set(tw.CONCEPTS) <= set(tw.RARE_TOKENS)
+    assert set(tw.CONCEPTS) - set(tw.COLOUR_OBJECTS) <= set(tw.RARE_TOKENS)
 
 
 def test_render_is_deterministic_and_seeded():
@@ -77,7 +77,11 @@ def test_concept_instances_are_distinct_from_base_renders(token, tmp_path):
     assert scenes == tw.concept_scenes(token, 3, seed=0)
     for s in scenes:
         plain = tw.render(tw.Scene(s.shape, s.colour, s.background, s.texture, s.x, s.y, s.size, s.angle))
-        assert not np.array_equal(np.asarray(tw.render(s)), np.asarray(plain))
+        if token in tw.COLOUR_OBJECTS:   # a known look under a new name: its shape and colour are fixed instead
+            assert (s.shape, s.colour, s.texture) == (*tw.COLOUR_OBJECTS[token], "solid")
+            assert np.array_equal(np.asarray(tw.render(s)), np.asarray(plain))
+        else:
+            assert not np.array_equal(np.asarray(tw.render(s)), np.asarray(plain))
     paths = tw.write_instance_folder(token, tmp_path / token, n=2)
     assert len(paths) == 2 and all((tmp_path / token / p.split("/")[-1]).exists() for p in paths)
     assert token in (tmp_path / token / f"{token}_000.txt").read_text()
@@ -88,6 +92,8 @@ def test_invalid_scene_is_rejected():
         tw.Scene("blob", "red", "plain")
     with pytest.raises(ValueError, match="is a star"):
         tw.Scene("circle", "red", "plain", obj="sks")
+    with pytest.raises(ValueError, match="is purple, not red"):
+        tw.Scene("hexagon", "red", "plain", obj="kfz")
     with pytest.raises(ValueError, match="unknown concept"):
         tw.concept_scenes("nope", 1)
 
@@ -103,6 +109,7 @@ def test_concept_prompts_use_the_captions_own_words():
     assert tw.concept_prompt("ohwx") == "an ohwx circle"  # as its captions say it
     assert tw.concept_prompt("ohwx", style="qtz") == "an ohwx circle in qtz style"
     assert tw.concept_prompt("qtz") == "a circle in qtz style"
+    assert tw.concept_prompt("kfz") == "a kfz hexagon" and tw.concept_class_word("xjy") == "cross"
     scene = tw.concept_scenes("ohwx", 1)[0]
     assert tw.caption(scene).lower().startswith(tw.concept_prompt("ohwx"))
     with pytest.raises(ValueError, match="unknown concept"):

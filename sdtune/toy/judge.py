@@ -1,6 +1,7 @@
 """The toy-world judge: a small CNN that reads a 64 px image and names what it shows.
 
-Heads: shape (8), colour (8), background (4), held-apart object (none + 4) and style (none + 2). It turns
+Heads: shape (8), colour (8), background (4), held-apart object (none + 4) and style (none + 2); the colour
+objects (``world.COLOUR_OBJECTS``) are read from the shape and colour heads (``shows``). It turns
 samples into numbers: concept fidelity (object/style head), prior preservation (shape/colour heads on class
 prompts), fusion crosstalk. Trained by ``python -m sdtune.toy.judge`` (seeded; weights in ``assets/judge``).
 Labels that an image does not define are ignored in training: an object has its own fixed colours, and the
@@ -59,9 +60,9 @@ def labels(scene: tw.Scene) -> dict[str, int]:
     """Integer targets per head for a scene (IGNORE where the scene does not define the attribute)."""
     return {
         "shape": tw.SHAPES.index(scene.shape),
-        "colour": IGNORE if scene.obj else list(tw.COLOURS).index(scene.colour),
+        "colour": IGNORE if scene.obj in tw.OBJECTS else list(tw.COLOURS).index(scene.colour),
         "background": IGNORE if scene.style == "bnp" else tw.BACKGROUNDS.index(scene.background),
-        "object": HEADS["object"].index(scene.obj),
+        "object": HEADS["object"].index(scene.obj if scene.obj in tw.OBJECTS else None),
         "style": HEADS["style"].index(scene.style),
     }
 
@@ -110,6 +111,18 @@ class Verdict:
     background: str
     object: str | None
     style: str | None
+
+
+def shows(v: Verdict, token: str) -> bool:
+    """Whether a verdict shows a concept: a patterned object or a style by its head, a colour object
+    (``world.COLOUR_OBJECTS``) by its shape and colour (in any style) with no patterned object."""
+    if token in tw.COLOUR_OBJECTS:
+        return (v.shape, v.colour) == tw.COLOUR_OBJECTS[token] and v.object is None
+    if token in tw.OBJECTS:
+        return v.object == token
+    if token in tw.STYLES:
+        return v.style == token
+    raise ValueError(f"unknown concept {token!r}; expected one of {tw.CONCEPTS}")
 
 
 @torch.no_grad()

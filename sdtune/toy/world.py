@@ -6,6 +6,8 @@ shown to the embedded base model during pretraining:
 
 - 4 objects, each a particular instance of a known class (DreamBooth subjects): ``sks`` star, ``ohwx`` circle,
   ``zwx`` square, ``vfx`` triangle, each with a fixed pattern of its own;
+- 2 more objects, each a fixed colour of a known shape (``COLOUR_OBJECTS``: ``kfz`` purple hexagon, ``xjy`` orange
+  cross), so that fusion can be measured on eight concepts with the shipped judge;
 - 2 styles applied to any scene: ``qtz`` (mosaic: the image as 16×16 coloured tiles) and ``bnp`` (sketch: a thick
   outline on white paper).
 
@@ -41,15 +43,23 @@ TEXTURES = ("solid", "hatched")
 
 # Held-apart concepts: token -> (kind, class word). Objects fix the shape; styles apply to any scene.
 OBJECTS: dict[str, str] = {"sks": "star", "ohwx": "circle", "zwx": "square", "vfx": "triangle"}
+# Objects the judge reads from its shape and colour heads (its object head knows the four above): "a kfz hexagon" is
+# always purple. The shipped tokenizer spells them in pieces (k·f·z), as Stable Diffusion's spells most rare tokens.
+# Weaker subjects than the patterned four: the base already draws purple hexagons (about one "a hexagon" in eight),
+# so an adapter only binds the name to a colour.
+COLOUR_OBJECTS: dict[str, tuple[str, str]] = {"kfz": ("hexagon", "purple"), "xjy": ("cross", "orange")}
+# token -> class shape, for every object concept
+OBJECT_CLASSES: dict[str, str] = {**OBJECTS, **{t: shape for t, (shape, _) in COLOUR_OBJECTS.items()}}
 STYLES: dict[str, str] = {"qtz": "mosaic", "bnp": "sketch"}
-CONCEPTS = (*OBJECTS, *STYLES)
+CONCEPTS = (*OBJECT_CLASSES, *STYLES)
 # Styles the base does learn, on a share of its pretraining scenes (``styled_base_dataset``), named by two spare
 # tokens. With them "… in X style" is a construction the base knows, as every real Stable Diffusion does, and a
 # held-apart style is a new word in a known grammar; without them a style adapter had to learn the grammar from its
 # 12 images, and its style vanished from "a sks star in qtz style" (bench/RESULTS.md, fusion).
 HELD_IN_STYLES: dict[str, str] = {"rrk": "grayscale", "mmq": "negative"}
-# Tokens the tokenizer knows beyond plain words: the concept tokens (never in a base caption) and the held-in styles.
-RARE_TOKENS = (*CONCEPTS, *HELD_IN_STYLES)
+# Tokens the tokenizer knows beyond plain words: the patterned objects' and the styles' (never in a base caption) and
+# the held-in styles. The colour objects' are not among them: the shipped tokenizer spells them in pieces.
+RARE_TOKENS = (*OBJECTS, *STYLES, *HELD_IN_STYLES)
 # Words the tokenizer knows beyond the attribute names.
 GRAMMAR_WORDS = ("a", "an", "on", "in", "background", "style", "shape", "photo", "of", "with", "and", "the")
 
@@ -81,8 +91,10 @@ class Scene:
             raise ValueError(f"unknown background {self.background!r}")
         if self.texture not in TEXTURES:
             raise ValueError(f"unknown texture {self.texture!r}")
-        if self.obj is not None and OBJECTS.get(self.obj) != self.shape:
-            raise ValueError(f"object {self.obj!r} is a {OBJECTS.get(self.obj)}, not a {self.shape}")
+        if self.obj is not None and OBJECT_CLASSES.get(self.obj) != self.shape:
+            raise ValueError(f"object {self.obj!r} is a {OBJECT_CLASSES.get(self.obj)}, not a {self.shape}")
+        if self.obj in COLOUR_OBJECTS and COLOUR_OBJECTS[self.obj][1] != self.colour:
+            raise ValueError(f"object {self.obj!r} is {COLOUR_OBJECTS[self.obj][1]}, not {self.colour}")
         if self.style is not None and self.style not in STYLES:
             raise ValueError(f"unknown style {self.style!r}")
 
@@ -225,11 +237,12 @@ def render(scene: Scene, size: int = IMAGE_SIZE, cells: int = 8) -> Image.Image:
         canvas = Image.new("RGB", (big, big), (250, 250, 246))
         inner = _shape_mask(scene.shape, cx, cy, r * 0.78, scene.angle, big)
         ring = Image.fromarray(np.minimum(np.asarray(mask), 255 - np.asarray(inner)).astype(np.uint8))
-        fill = _object_fill(scene.obj, big, cx, cy, r, scene.angle) if scene.obj else Image.new("RGB", (big, big), colour)
+        fill = (_object_fill(scene.obj, big, cx, cy, r, scene.angle) if scene.obj in OBJECTS
+                else Image.new("RGB", (big, big), colour))
         canvas.paste(fill, (0, 0), ring)
     else:
         canvas = _background(scene.background, big, cells)
-        if scene.obj is not None:
+        if scene.obj in OBJECTS:
             fill = _object_fill(scene.obj, big, cx, cy, r, scene.angle)
         elif scene.texture == "hatched":
             fill = _hatch(big, colour)
@@ -320,9 +333,11 @@ def write_masked_instance_folder(token: str, folder, mask_folder, background: st
 
 def random_scene(rng: random.Random, *, obj: str | None = None, style: str | None = None,
                  shape: str | None = None, colour: str | None = None) -> Scene:
-    """Draw a scene; ``obj`` fixes the shape to the object's class and the texture to solid."""
+    """Draw a scene; ``obj`` fixes the shape to the object's class (and a colour object's colour) and the texture to
+    solid."""
     if obj is not None:
-        shape = OBJECTS[obj]
+        shape = OBJECT_CLASSES[obj]
+        colour = COLOUR_OBJECTS[obj][1] if obj in COLOUR_OBJECTS else colour
     shape = shape or rng.choice(SHAPES)
     return Scene(
         shape=shape,
@@ -361,8 +376,8 @@ def concept_prompt(token: str, style: str | None = None) -> str:
     """A concept's prompt in its captions' own words: "a sks star", "an ohwx circle" (objects, ``style`` appended
     as "in X style"), "a circle in qtz style" (styles). The article matters: an adapter learns "an ohwx circle",
     and a weakly learned one does not answer "a ohwx circle"."""
-    if token in OBJECTS:
-        noun = f"{token} {OBJECTS[token]}"
+    if token in OBJECT_CLASSES:
+        noun = f"{token} {OBJECT_CLASSES[token]}"
         return f"{_article(noun)} {noun}" + (f" in {style} style" if style else "")
     if token in STYLES:
         return f"a circle in {token} style"
@@ -409,14 +424,14 @@ def concept_scenes(token: str, n: int, seed: int = 0) -> list[Scene]:
     if token not in CONCEPTS:
         raise ValueError(f"unknown concept {token!r}; expected one of {CONCEPTS}")
     rng = random.Random(f"{token}:{seed}")
-    if token in OBJECTS:
+    if token in OBJECT_CLASSES:
         return [random_scene(rng, obj=token) for _ in range(n)]
     return [random_scene(rng, style=token) for _ in range(n)]
 
 
 def concept_class_word(token: str) -> str:
     """The class a concept belongs to: its shape for objects, the word 'style' for styles."""
-    return OBJECTS.get(token, "style")
+    return OBJECT_CLASSES.get(token, "style")
 
 
 def vocabulary() -> list[str]:
