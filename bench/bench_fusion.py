@@ -227,8 +227,8 @@ def rate(vs: list, ok) -> float:
 
 def prior_ok(vs: list, prompt: str) -> float:
     """Share of a class prompt's samples showing its shape with no concept (object, colour object or style) leaking
-    in. A colour object's colour counts as a leak on its class prompt: the base draws it too (about one "a hexagon"
-    in eight is purple), which the ratio to the base takes out."""
+    in. A colour object's colour counts as a leak on its class prompt: the base draws it too (its colours are uniform:
+    about one "a hexagon" in eight is purple), which the ratio to the base takes out."""
     return rate(vs, lambda v: v.shape in prompt and v.object is None and v.style is None
                 and not any(J.shows(v, t) for t in tw.COLOUR_OBJECTS))
 

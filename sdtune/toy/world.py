@@ -45,8 +45,8 @@ TEXTURES = ("solid", "hatched")
 OBJECTS: dict[str, str] = {"sks": "star", "ohwx": "circle", "zwx": "square", "vfx": "triangle"}
 # Objects the judge reads from its shape and colour heads (its object head knows the four above): "a kfz hexagon" is
 # always purple. The shipped tokenizer spells them in pieces (k·f·z), as Stable Diffusion's spells most rare tokens.
-# Weaker subjects than the patterned four: the base already draws purple hexagons (about one "a hexagon" in eight),
-# so an adapter only binds the name to a colour.
+# Weaker subjects than the patterned four: the base already draws purple hexagons (its colours are uniform, so about
+# one "a hexagon" in eight), so an adapter only binds the name to a colour.
 COLOUR_OBJECTS: dict[str, tuple[str, str]] = {"kfz": ("hexagon", "purple"), "xjy": ("cross", "orange")}
 # token -> class shape, for every object concept
 OBJECT_CLASSES: dict[str, str] = {**OBJECTS, **{t: shape for t, (shape, _) in COLOUR_OBJECTS.items()}}
