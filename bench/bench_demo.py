@@ -1,12 +1,14 @@
 """Concept fidelity and prior preservation of a trained DreamBooth adapter, judged on the toy world.
 
-    python bench/bench_demo.py outputs/demo/adapter.safetensors --token sks [--n 32]
+    python bench/bench_demo.py outputs/demo/adapter.safetensors --token sks [--n 128] [--seed 7000]
     python bench/bench_demo.py outputs/demo-sdxl/adapter.safetensors --model assets/tiny-sdxl   # the SDXL demo
     python bench/bench_demo.py outputs/demo/adapter-step-*.safetensors     # one row per file (output.save_every)
 
 Samples ``n`` images of "a <token> <class>" and of the class prompt "a <class>", with the base model and with
 the adapter applied, and reports: concept fidelity (the judge sees the concept), and prior preservation (the
-class prompt still renders its class, as a fraction of the base model's rate).
+class prompt still renders its class, as a fraction of the base model's rate). Base and adapter are sampled on the same
+seeds. Take n ≥ 128: the base's own "a star" rate is about 92 % (384 samples) and one draw of 32 gives anything from
+28 to 32 of 32, so at n = 32 the prior bar (95 % of the base) is inside the sampling noise (bench/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ def main() -> None:
     p.add_argument("adapters", nargs="+", metavar="ADAPTER",
                    help="one or more adapter files, e.g. a run's adapter-step-*.safetensors (output.save_every)")
     p.add_argument("--token", default="sks")
-    p.add_argument("--n", type=int, default=32)
+    p.add_argument("--n", type=int, default=128, help="samples per prompt (fewer than 128: the prior is noise)")
     p.add_argument("--seed", type=int, default=500, help="first sampling seed (each sample takes the next one)")
     p.add_argument("--model", default=None, help="the base the adapter was trained on (default: the embedded SD1 base)")
     a = p.parse_args()

@@ -70,6 +70,25 @@ def instance_captions(out: Path, token: str) -> list[str]:
     return sorted({c.read_text().strip() for c in (out / "instances" / token).glob("*.txt")})
 
 
+def name_subjects(folder: Path, token: str, share: float, seed: int = 0) -> int:
+    """Issue 22's style-after-object recipe: rewrite a ``share`` of a style's instance captions so that an invented
+    name stands before the subject's noun, as an object's token does in "a sks star in qtz style": "a red circle in
+    qtz style" -> "a dwm circle in qtz style". The names are new to the base (the tokenizer spells them in untrained
+    pieces, as the object tokens are untrained words) and say nothing about the picture, so the style learns to hold
+    after a name it has never seen. -> the number of captions rewritten."""
+    import random
+
+    rng = random.Random(f"names:{token}:{seed}")
+    files = sorted(folder.glob("*.txt"))
+    letters = "bcdfghjklmnpqrstvwxz"
+    taken = set(tw.RARE_TOKENS) | set(tw.COLOUR_OBJECTS)
+    for f in rng.sample(files, round(share * len(files))):
+        name = next(w for w in iter(lambda: "".join(rng.choice(letters) for _ in range(3)), None) if w not in taken)
+        shape = next(s for s in tw.SHAPES if f" {s} in {token} style" in f.read_text())
+        f.write_text(f"a {name} {shape} in {token} style\n")   # names start with a consonant
+    return round(share * len(files))
+
+
 def width_ranks(model, per_32: int) -> dict[str, dict[str, int]]:
     """preset -> {U-Net block: rank ∝ the block's input width}: ``per_32`` per 32 channels, so rank × concepts over
     every adapted layer's input width stays one ratio (issue 22) rather than crowding the narrow blocks. A ResNet
@@ -138,6 +157,8 @@ def train_concept(token: str, family: str, rule: dict, out: Path, a, model) -> P
     inst = out / "instances" / token
     if not inst.exists():
         tw.write_instance_folder(token, inst, n=a.instances)
+        if token in tw.STYLES and a.style_names:
+            name_subjects(inst, token, a.style_names)
     if token in tw.OBJECT_CLASSES:
         cls = tw.concept_class_word(token)
         class_prompt, class_dir = f"a {cls}", out / "class_images" / cls
@@ -253,6 +274,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--instances", type=int, default=12, help="instance images per concept")
     p.add_argument("--style-prior", choices=("captions", "shapes"), default="captions",
                    help="a style's class prompts: its captions without the style, or every bare shape")
+    p.add_argument("--style-names", type=float, default=0.0, metavar="SHARE",
+                   help="name the subject in this share of a style's instance captions with an invented word ('a dwm "
+                        "circle in qtz style'): the style-after-object recipe (issue 22); give its own --out")
     p.add_argument("--style-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="a training-config override for the style concepts only (repeatable)")
     p.add_argument("--object-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -344,7 +368,9 @@ def main() -> None:
             rows.append((fam, label, solo, kept, joint_ok, prior, inter))
             print(rows[-1], flush=True)
     lines = [f"Concepts {', '.join(tokens)}; ranks {a.ranks}, scale {a.alpha_ratio or 1:g}"
-             f"{'' if a.text_encoder else ', U-Net only'}; {a.train_steps} training steps each, training seed "
+             f"{'' if a.text_encoder else ', U-Net only'}"
+             f"{f'; the styles name their subject in {a.style_names:.0%} of captions' if a.style_names else ''}; "
+             f"{a.train_steps} training steps each, training seed "
              f"{a.train_seed}; {a.per_prompt} samples per prompt from seed {a.seed}; {a.sample_steps} sampler steps, "
              f"guidance {a.guidance}.", "",
              "Rank × concepts / input width over the adapted layers: " + "; ".join(

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # bash bench/demo_per_algorithm.sh [--sdxl] [NAMES...] [-- BENCH_DEMO_ARGS...]
-# Each algorithm's shipped demo recipe on the embedded model, judged by bench/bench_demo.py (32 samples, seed 7000 by
+# Each algorithm's shipped demo recipe on the embedded model, judged by bench/bench_demo.py (128 samples, seed 7000 by
 # default): concept fidelity, prior preservation, concept leak; plus wall time and trainable parameters.
 #   locon        sdtune/recipes/demo.toml
 #   dora         demo.toml with adapters.algorithm=dora (DoRA over the same LoCon factors)
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 declare -A RECIPE=([locon]=demo [dora]=demo [flora]=demo-flora [flora-small]=demo-flora-small [spectral]=demo-spectral)
 declare -A SETS=([dora]="adapters.algorithm=dora")
-names=() judge=(--n 32 --seed 7000) base=() tag=demo
+names=() judge=(--n 128 --seed 7000) base=() tag=demo
 if [[ ${1:-} == --sdxl ]]; then
   shift; tag=demo-sdxl RECIPE[locon]=demo-sdxl RECIPE[dora]=demo-sdxl
   base=(--set "model.path=$PWD/assets/tiny-sdxl" --set prior.class_dir=outputs/class_images/sdxl_a_star)

@@ -198,6 +198,9 @@ class PriorConfig:
     num_class_images: int = f(100, "number of class images (missing ones are generated; with buckets, shared out over "
                                    "the instance buckets' shapes in proportion, at least one each)")
     prior_loss_weight: float = f(1.0, "weight of the class-image loss")
+    text_prior_weight: float = f(0.0, "keep the trained text encoders' encoding of the class prompt(s) at the base's: "
+                                      "adds this × ‖E(class) − E_base(class)‖² / ‖E_base(class)‖² to the loss; "
+                                      "0 = off, no effect without train.train_text_encoder")
     sample_steps: int = f(20, "sampler steps when generating class images")
     guidance: float = f(5.0, "classifier-free guidance when generating class images")
 
@@ -207,6 +210,7 @@ class PriorConfig:
                    "required when prior preservation is enabled")
         _check("prior", self.num_class_images >= 1, "num_class_images", self.num_class_images, "expected >= 1")
         _check("prior", self.prior_loss_weight >= 0, "prior_loss_weight", self.prior_loss_weight, "expected >= 0")
+        _check("prior", self.text_prior_weight >= 0, "text_prior_weight", self.text_prior_weight, "expected >= 0")
         _check("prior", self.sample_steps >= 1, "sample_steps", self.sample_steps, "expected >= 1")
 
 
@@ -349,6 +353,9 @@ class TrainSection:
     seed: int = f(0, "seed of everything: adapter init, data order, noise")
     train_text_encoder: bool = f(False, "train text-encoder adapters (the 'te' preset; added with the first rule's "
                                         "settings if no [[adapters]] rule names it)")
+    text_encoder_steps: int | None = f(None, "train the text encoders' adapters for the first N steps only, then "
+                                             "freeze them and cache their outputs (kohya stop_text_encoder_training);"
+                                             " unset = the whole run")
     text_encoders: list[str] = f(["te1", "te2"], "which text encoders train_text_encoder trains: te1 (CLIP-L, the "
                                                  "only one of SD1/SD2), te2 (SDXL's second); the others stay frozen "
                                                  "and their outputs are cached")
@@ -382,6 +389,10 @@ class TrainSection:
         _check(s, bool(self.text_encoders) and set(self.text_encoders) <= {"te1", "te2"}
                and len(set(self.text_encoders)) == len(self.text_encoders), "text_encoders", self.text_encoders,
                "expected a non-empty list of distinct 'te1', 'te2'")
+        _check(s, self.text_encoder_steps is None or self.text_encoder_steps >= 1, "text_encoder_steps",
+               self.text_encoder_steps, "expected >= 1, or unset for the whole run")
+        _check(s, self.text_encoder_steps is None or self.train_text_encoder, "text_encoder_steps",
+               self.text_encoder_steps, "needs train_text_encoder = true")
         _check(s, self.min_snr_gamma is None or self.min_snr_gamma > 0, "min_snr_gamma", self.min_snr_gamma,
                "expected > 0")
         _check(s, self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", self.ema_decay,

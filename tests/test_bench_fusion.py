@@ -70,3 +70,20 @@ def test_colour_objects_are_judged_by_shape_and_colour(bench):
     assert bench.joint_pairs(["kfz", "sks", "qtz"]) == [("kfz", "qtz"), ("sks", "qtz")]
     assert bench.prior_ok([purple, red], "a hexagon") == 0.5 and bench.prior_ok([red], "a star") == 0.0
     assert bench.marked_prompt("a kfz hexagon in qtz style", ["kfz", "qtz"]) == "a [1:kfz] hexagon [2:in qtz style]"
+
+
+def test_style_names_put_an_unknown_name_before_the_noun(bench, tmp_path):
+    """The style-after-object recipe (issue 22): half of a style's captions name their subject with a word that is no
+    concept's token, in the object prompts' word order; the other half and the images are untouched."""
+    from sdtune.toy import world as tw
+
+    tw.write_instance_folder("qtz", tmp_path, n=12)
+    before = {f.name: f.read_text() for f in tmp_path.glob("*.txt")}
+    assert bench.name_subjects(tmp_path, "qtz", 0.5) == 6
+    after = {f.name: f.read_text().strip() for f in tmp_path.glob("*.txt")}
+    named = [k for k in after if after[k] != before[k].strip()]
+    assert len(named) == 6
+    for k in named:
+        a, name, shape, *rest = after[k].split()
+        assert a == "a" and rest == ["in", "qtz", "style"] and f" {shape} in qtz style" in before[k]
+        assert name not in tw.RARE_TOKENS and name not in tw.COLOUR_OBJECTS and name not in tw.vocabulary()

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from sdtune.config import loads_config
+from sdtune.config import ConfigError, loads_config
 from sdtune.data.dataset import DataError, scan_instance_dir
 from sdtune.formats.reader import read_kohya
 from sdtune.toy import world as tw
@@ -219,6 +219,50 @@ def test_text_encoder_changes_only_when_trained(shared, tmp_path):
     assert ups and all(not torch.equal(before[k], after[k]) for k in ups)  # every TE adapter got gradients
     assert all(torch.equal(base_before[k], v) for k, v in te_state(on).items() if k in base_before)  # base frozen
     assert any(k.startswith("lora_te") for k in load_file(tmp_path / "on" / "adapter.safetensors"))
+
+
+def test_text_encoder_steps_freezes_the_text_adapters_and_resumes_exactly(shared, tmp_path):
+    extra = ["train.steps=5", "train.train_text_encoder=true", "train.text_encoder_steps=2", "optim.lr_text=1e-2",
+             "output.validation_prompts=[]"]
+    trainer = Trainer(config(shared, tmp_path / "a", *extra), progress=False)
+    trainer.setup()
+    states = []
+    trainer.callback = lambda event: states.append({k: v.clone() for k, v in trainer.injection.state_dict().items()})
+    full = trainer.run()
+    te = [k for k in states[0] if k.startswith("lora_te") and k.endswith(".lora.up")]
+    unet = [k for k in states[0] if k.startswith("lora_unet") and k.endswith(".lora.up")]
+    assert te and unet
+    changed = lambda keys, i: any(not torch.equal(states[i][k], states[i + 1][k]) for k in keys)
+    assert changed(te, 0)                                   # step 2 still trains the text encoder
+    assert not any(changed(te, i) for i in (1, 2, 3))       # steps 3–5 leave it as it was
+    assert all(changed(unet, i) for i in (1, 2, 3))         # while the U-Net goes on
+    assert [float(r["lr_text"]) > 0 for r in read_log(tmp_path / "a" / "log.csv")] == [True, True, False, False, False]
+    # a resume after the freeze repeats the uninterrupted run bit for bit
+    cfg = config(shared, tmp_path / "b", *extra)
+    flag, stop = _cancel_at(3)
+    first = train(cfg, progress=False, callback=stop, cancel=flag)
+    rest = train(cfg, resume="latest", progress=False)
+    assert full.losses == first.losses + rest.losses
+    a, b = load_file(tmp_path / "a" / "adapter.sdtune"), load_file(tmp_path / "b" / "adapter.sdtune")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match="needs train_text_encoder"):
+        config(shared, tmp_path / "c", "train.text_encoder_steps=2")
+
+
+def test_text_prior_weight_holds_the_class_encoding_to_the_base(shared, tmp_path):
+    drift = {}
+    for w in (1e-9, 100.0):
+        t = Trainer(config(shared, tmp_path / str(w), "train.steps=4", "train.train_text_encoder=true",
+                           "optim.lr_text=1e-2", f"prior.text_prior_weight={w}", "output.validation_prompts=[]"),
+                    progress=False)
+        t.setup()
+        assert t.text_prior[0] == ["a star"] and float(t.text_drift()) == 0.0  # zero-initialised up factors
+        t.run()
+        drift[w] = float(t.text_drift())
+    assert 0 < drift[100.0] < drift[1e-9] / 4, drift
+    off = Trainer(config(shared, tmp_path / "off", "prior.text_prior_weight=1"), progress=False)
+    off.setup()
+    assert off.text_prior is None  # no text encoder trains: nothing to hold
 
 
 def _corrupt(folder: Path) -> None:

@@ -252,6 +252,20 @@ def test_config_from_recipe_and_form(studio):
             build_config(replace(form, **bad), run, studio.ws, None)
 
 
+def test_a_recipe_that_stops_the_text_encoder_builds_with_the_text_encoder_off(studio, tmp_path, monkeypatch):
+    """train.text_encoder_steps needs a trained text encoder: a form that turns the 'te' target off drops it rather
+    than failing on the recipe's setting."""
+    recipe = tmp_path / "te-stop.toml"
+    recipe.write_text(recipes()["demo"].read_text().replace("[train]\n", "[train]\ntext_encoder_steps = 200\n"))
+    monkeypatch.setattr(training, "recipe_file", lambda name: recipe)
+    folder = studio.ws.root / "datasets" / "sks"
+    on = build_config(TrainForm("te-stop", folder, "a sks star", "", TARGETS | {"te": ("locon", 4, None)}),
+                      studio.ws.runs / "r", studio.ws, None)
+    assert on.train.train_text_encoder and on.train.text_encoder_steps == 200
+    off = build_config(TrainForm("te-stop", folder, "a sks star", "", TARGETS), studio.ws.runs / "r", studio.ws, None)
+    assert not off.train.train_text_encoder and off.train.text_encoder_steps is None
+
+
 def test_the_form_as_a_recipe_fills_it_is_the_recipe(studio):
     """Issue 15: choosing a recipe fills the form with its steps, learning rates, targets and ranks; the config the
     form then builds trains what the recipe says, with the UI's own paths and previews."""

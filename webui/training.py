@@ -145,6 +145,7 @@ def form_overrides(form: TrainForm, run_dir: Path, ws: Workspace, model_source: 
     if all(r["preset"] == "te" for r in rules):
         raise Refused("the text encoder alone cannot be trained here: turn on a U-Net target too")
     previews = [p for p in (prompt, cls) if p] if prompt else recipe.output.validation_prompts
+    text = any(r["preset"] == "te" for r in rules)
     return [
         # the UI's model at its native resolution
         f"model.path={_toml(str(model_source)) if model_source else 'none'}", "model.single_file_config=none",
@@ -155,7 +156,8 @@ def form_overrides(form: TrainForm, run_dir: Path, ws: Workspace, model_source: 
         f"prior.class_dir={_toml(str(ws.class_images / safe_name(cls, 'none')))}",
         f"adapters={_toml(rules)}",
         f"train.steps={steps}", "train.epochs=none",
-        f"train.train_text_encoder={_toml(any(r['preset'] == 'te' for r in rules))}",
+        f"train.train_text_encoder={_toml(text)}",
+        *([] if text else ["train.text_encoder_steps=none"]),  # the recipe's, meaningless without the encoder
         *([f"train.seed={seed}"] if seed is not None else []),
         f"optim.lr_unet={_toml(lr)}", f"optim.lr_text={_toml(lr_text)}",
         f"output.dir={_toml(str(run_dir))}", f"output.name={_toml(run_dir.name)}",

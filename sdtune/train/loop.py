@@ -205,6 +205,7 @@ class Trainer:
         self.injection, self.trained_encoders, adapted = attach_adapters(
             cfg, self.model, self.run_dir, base_dtype=cfg.train.base_dtype if acc.mixed_precision != "no" else "fp32")
         self.text_trained = bool(self.trained_encoders)
+        self.text_frozen = False  # train.text_encoder_steps reached
         components = self.model.components()
         o = cfg.optim
         optim.check_schedule(o.optimizer, cfg.schedule.scheduler)
@@ -232,6 +233,8 @@ class Trainer:
                                cache_text=[k for k in components if k != "unet" and k not in self.trained_encoders],
                                device=self.device, disk=LatentCache(cfg.data.latent_cache_dir, vae_fingerprint(pipe.vae))
                                if cfg.data.latent_cache_dir else None)
+        self.text_prior = self._base_class_text(plan.class_prompts) \
+            if cfg.prior.enabled and cfg.prior.text_prior_weight and self.text_trained else None
         self._batches: dict[int, list[list[int]]] = {}
         if acc.is_main_process:
             self._check_disk()
@@ -268,9 +271,32 @@ class Trainer:
         """The training loss of one micro-batch (instance views first, then class views)."""
         per = self.per_sample_loss(views, self.noise_gen)
         b = self.cfg.train.batch_size
-        if len(per) == b:
-            return per.mean()
-        return per[:b].mean() + self.cfg.prior.prior_loss_weight * per[b:].mean()
+        loss = per.mean() if len(per) == b else per[:b].mean() + self.cfg.prior.prior_loss_weight * per[b:].mean()
+        if self.text_prior is not None and not self.text_frozen:
+            loss = loss + self.cfg.prior.text_prior_weight * self.text_drift()
+        return loss
+
+    def _base_class_text(self, prompts: list[str]) -> tuple[list[str], torch.Tensor, torch.Tensor | None]:
+        """(the class prompts, each alternative once; their encoding by the base text encoders: hidden states
+        (K, T, D), SDXL's pooled (K, D') or None): what ``text_drift`` holds the trained encoders to."""
+        from ..data.classes import class_prompts
+        from ..inject import plain_layers
+
+        texts = list(dict.fromkeys(alt for p in prompts for alt in class_prompts(p)))
+        with torch.no_grad(), plain_layers(self.model.components()):
+            hidden, pooled = self.encoder.text(texts)
+        return texts, hidden, pooled
+
+    def text_drift(self) -> torch.Tensor:
+        """‖E(c) − E_base(c)‖² / ‖E_base(c)‖² over the class prompts c (every token position, as the U-Net's
+        cross-attention reads them all; SDXL's pooled embedding likewise): how far the trained text encoders have
+        moved the class away from the base's words (``prior.text_prior_weight``)."""
+        texts, h0, p0 = self.text_prior
+        h, p = self.encoder.text(texts)
+        drift = (h.float() - h0.float()).pow(2).sum() / h0.float().pow(2).sum()
+        if p0 is not None:
+            drift = drift + (p.float() - p0.float()).pow(2).sum() / p0.float().pow(2).sum()
+        return drift
 
     @torch.no_grad()
     def eval_loss(self, seed: int = 0, timesteps: tuple[int, ...] = validation.TIMESTEPS, views=None) -> float:
@@ -332,6 +358,8 @@ class Trainer:
         t0 = time.time()
         try:
             for step in range(start + 1, self.total_steps + 1):
+                if self.text_trained and not self.text_frozen and step > (cfg.train.text_encoder_steps or math.inf):
+                    self._freeze_text_encoders()
                 loss_value, grad_norm = self.optimizer_step(step, last_ckpt)
                 lrs = self._scheduled_lrs()
                 result.losses.append(loss_value)
@@ -418,7 +446,15 @@ class Trainer:
         """[lr_unet, lr_text (if trained)] after the schedule (LoRA+ and block multipliers apply on top)."""
         factor = self.lr_scheduler.get_last_lr()[0] / self.lr_scheduler.base_lrs[0]
         o = self.cfg.optim
-        return [o.lr_unet * factor] + ([o.lr_text * factor] if self.text_trained else [])
+        return [o.lr_unet * factor] + ([0.0 if self.text_frozen else o.lr_text * factor] if self.text_trained else [])
+
+    def _freeze_text_encoders(self) -> None:
+        """``train.text_encoder_steps`` reached: the text encoders' adapters get no more gradients (the optimiser
+        skips them; nothing backpropagates through the encoders) and their outputs are cached as a frozen
+        encoder's are."""
+        self.text_frozen = True
+        self.encoder.cached_encoders |= set(self.trained_encoders)
+        self._train_mode(True)
 
     def _output_weights(self):
         """Context: the weights previews, validation and the export use (EMA / schedule-free average / raw)."""
@@ -427,7 +463,7 @@ class Trainer:
 
     def _train_mode(self, on: bool) -> None:
         for key, module in self.model.components().items():
-            module.train(on and (key == "unet" or key in self.trained_encoders))
+            module.train(on and (key == "unet" or (key in self.trained_encoders and not self.text_frozen)))
 
     # ------------------------------------------------------------------------------------------- outputs
     def _state(self, step: int) -> dict:
