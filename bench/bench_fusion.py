@@ -80,13 +80,15 @@ def name_subjects(folder: Path, token: str, share: float, seed: int = 0) -> int:
 
     rng = random.Random(f"names:{token}:{seed}")
     files = sorted(folder.glob("*.txt"))
-    letters = "bcdfghjklmnpqrstvwxz"
+    chosen = rng.sample(files, round(share * len(files)))
     taken = set(tw.RARE_TOKENS) | set(tw.COLOUR_OBJECTS)
-    for f in rng.sample(files, round(share * len(files))):
-        name = next(w for w in iter(lambda: "".join(rng.choice(letters) for _ in range(3)), None) if w not in taken)
+    for f in chosen:
+        name = next(iter(taken))
+        while name in taken:
+            name = "".join(rng.choice("bcdfghjklmnpqrstvwxz") for _ in range(3))
         shape = next(s for s in tw.SHAPES if f" {s} in {token} style" in f.read_text())
         f.write_text(f"a {name} {shape} in {token} style\n")   # names start with a consonant
-    return round(share * len(files))
+    return len(chosen)
 
 
 def width_ranks(model, per_32: int) -> dict[str, dict[str, int]]:
