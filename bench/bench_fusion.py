@@ -83,8 +83,8 @@ def name_subjects(folder: Path, token: str, share: float, seed: int = 0) -> int:
     chosen = rng.sample(files, round(share * len(files)))
     taken = set(tw.RARE_TOKENS) | set(tw.COLOUR_OBJECTS)
     for f in chosen:
-        name = next(iter(taken))
-        while name in taken:
+        name = ""
+        while not name or name in taken:
             name = "".join(rng.choice("bcdfghjklmnpqrstvwxz") for _ in range(3))
         shape = next(s for s in tw.SHAPES if f" {s} in {token} style" in f.read_text())
         f.write_text(f"a {name} {shape} in {token} style\n")   # names start with a consonant

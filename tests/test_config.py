@@ -77,6 +77,8 @@ def test_wrong_type_is_named(override, words):
     ("train.epochs=2", ["exactly one of steps and epochs"]),
     ("prior.enabled=true", ["class_prompt", "required"]),
     ("output.save_every=-100", ["[output] save_every", "expected >= 0"]),
+    ("train.text_encoder_steps=0", ["[train] text_encoder_steps", "expected >= 1"]),
+    ("prior.text_prior_weight=-1", ["[prior] text_prior_weight", "expected >= 0"]),
 ])
 def test_bad_values_are_explained(override, words):
     with pytest.raises(ConfigError) as e:

@@ -3,6 +3,8 @@ algorithm: exactly the trained parts (U-Net, TE1, TE2) change, each text encoder
 encoders are cached, every image's micro-conditioning reaches the U-Net, and the A1111 file names te1/te2."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from PIL import Image
@@ -139,6 +141,20 @@ def test_sdxl_trains_exactly_the_chosen_parts(algo, tiny_sdxl, images, tmp_path)
         for part in ("q_proj", "k_proj", "v_proj", "out_proj"):
             assert f"lora_te2_text_model_encoder_layers_0_self_attn_{part}.lora_down.weight" in keys, part
     assert any(k.startswith("lora_unet_input_blocks_") for k in keys)
+
+
+def test_text_prior_holds_both_encoders_and_the_pooled_embedding(tiny_sdxl, images, tmp_path):
+    cfg = config(tiny_sdxl.source, images, tmp_path / "run", "locon", ["te1", "te2"], prior=True)
+    cfg = replace(cfg, prior=replace(cfg.prior, text_prior_weight=1.0), train=replace(cfg.train, steps=2),
+                  output=replace(cfg.output, validation_prompts=[]))
+    trainer = Trainer(cfg, progress=False)
+    trainer.setup()
+    texts, h0, p0 = trainer.text_prior
+    assert texts == ["a star"] and p0 is not None and float(trainer.text_drift()) == 0.0
+    trainer.run()
+    h, p = trainer.encoder.text(texts)
+    assert not torch.equal(h, h0) and not torch.equal(p, p0)  # both encoders' hidden states and TE2's pooled moved
+    assert float(trainer.text_drift()) > 0
 
 
 def test_text_encoder_choice_is_checked_against_the_model(tmp_path):
